@@ -614,7 +614,7 @@ def _build(data: Any, lines: Mapping[str, int], *, embedded: bool, origin: str) 
         ipaddress.ip_network(li.host) for li in listeners if not li.host.is_unspecified
     )
     destination_defaults = (
-        DestinationsConfig(None, (), _LOOPBACK_NETS)
+        DestinationsConfig(None, _EVERYWHERE, _LOOPBACK_NETS)
         if embedded
         else DestinationsConfig(
             tuple(PortRange(p, p) for p in DEFAULT_PORTS),
@@ -649,6 +649,12 @@ _LOOPBACK_NETS: tuple[IPNetwork, ...] = (
 )
 
 
+_EVERYWHERE: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("0.0.0.0/0"),
+    ipaddress.ip_network("::/0"),
+)
+
+
 def parse_config(text: str, *, origin: str = "<string>", embedded: bool = False) -> Config:
     """Parse and validate a YAML document. Raises :class:`ConfigErrors`."""
     data, lines = _compose(text, origin)
@@ -673,3 +679,57 @@ def embedded_default_text() -> str:
 def embedded_default() -> Config:
     """The configuration ``kumoproxy serve`` runs when given no ``--config``."""
     return parse_config(embedded_default_text(), origin="<embedded default>", embedded=True)
+
+
+def config_to_data(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, in the file's own shape."""
+
+    def nets(networks: Iterable[IPNetwork]) -> list[str]:
+        return [str(n) for n in networks]
+
+    def ports(ranges: tuple[PortRange, ...] | None) -> str | list[int | str]:
+        if ranges is None:
+            return "any"
+        return [r.low if r.low == r.high else f"{r.low}-{r.high}" for r in ranges]
+
+    def seconds(value: float) -> str:
+        return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
+
+    listeners: list[dict[str, Any]] = []
+    for li in config.listeners:
+        entry: dict[str, Any] = {"listen": li.listen, "protocol": li.protocol}
+        if li.tls is not None:
+            entry["tls"] = {
+                k: str(v)
+                for k, v in (
+                    ("certificate", li.tls.certificate),
+                    ("private_key", li.tls.private_key),
+                    ("client_ca", li.tls.client_ca),
+                )
+                if v is not None
+            }
+        listeners.append(entry)
+    users: list[dict[str, Any]] = []
+    for user in config.auth.users:
+        u: dict[str, Any] = {"name": user.name, "password_hash": user.password_hash}
+        if user.sources is not None:
+            u["sources"] = [str(a) for a in sorted(user.sources, key=lambda a: (a.version, a))]
+        if user.default_source is not None:
+            u["default_source"] = str(user.default_source)
+        users.append(u)
+    return {
+        "listeners": listeners,
+        "admin": {"listen": config.admin.listen},
+        "sources": [str(a) for a in config.sorted_sources()],
+        "default_source": str(config.default_source) if config.default_source else None,
+        "clients": {"allow": nets(config.clients_allow)},
+        "auth": {"required": config.auth.required, "users": users},
+        "destinations": {
+            "ports": ports(config.destinations.ports),
+            "deny": nets(config.destinations.deny),
+            "allow": nets(config.destinations.allow),
+        },
+        "limits": _fields(config.limits),
+        "timeouts": {k: seconds(v) for k, v in _fields(config.timeouts).items()},
+        "log": _fields(config.log),
+    }

@@ -45,3 +45,53 @@ class ConfigError(KumoproxyError):
         self.line = line
         where = f" (line {line})" if line is not None else ""
         super().__init__(f"{path or '<root>'}{where}: {message}")
+
+
+class EgressError(KumoproxyError, OSError):
+    """Opening the outbound connection failed.
+
+    ``result`` is the bounded metric/log label for the cause and ``reply``
+    the SOCKS5 REP code (RFC 1928 §6) that tells a client what happened.
+    """
+
+    result = "connect_failed"
+    reply = 1  # general SOCKS server failure
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SourceNotPlumbedError(EgressError):
+    """bind() said EADDRNOTAVAIL: the source IP is not on any interface."""
+
+    result = "bind_failed"
+
+
+class PortsExhaustedError(EgressError):
+    """connect() said EADDRNOTAVAIL: no free local port for this 4-tuple."""
+
+
+class ConnectFailedError(EgressError):
+    """The destination refused, was unreachable, or another errno."""
+
+    def __init__(self, message: str, *, errno: int | None = None, reply: int = 1) -> None:
+        super().__init__(message, errno=errno)
+        self.reply = reply
+
+
+class ConnectTimeoutError(EgressError, TimeoutError):
+    """No answer from the destination within ``timeouts.connect``."""
+
+    result = "timeout"
+    reply = 6  # TTL expired: the code clients read as "timed out"
+
+
+class ResolveError(EgressError):
+    """A destination name did not resolve (in the source's family)."""
+
+    reply = 4  # host unreachable

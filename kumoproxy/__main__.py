@@ -1,0 +1,165 @@
+"""The ``kumoproxy`` command: the one place that wires the parts together.
+
+Anything a user can get wrong (bad YAML, unknown key, address in use, a
+source that cannot be bound) ends in one clear line on stderr and a non-zero
+exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+import trio
+import yaml
+
+from kumoproxy import __version__, egress
+from kumoproxy.config import (
+    Config,
+    ConfigErrors,
+    config_to_data,
+    embedded_default,
+    load_config,
+)
+from kumoproxy.logs import configure_logging
+from kumoproxy.passwords import hash_password
+from kumoproxy.server import BoundListener, ListenError, Service
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kumoproxy", description="Egress proxy for email (SOCKS5 and PROXY protocol)."
+    )
+    parser.add_argument("--version", action="version", version=f"kumoproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the service in the foreground")
+    serve.add_argument("--config", type=Path, help="YAML config (default: the embedded default)")
+    check = commands.add_parser("check-config", help="validate a config and print it in effect")
+    check.add_argument("file", type=Path)
+    sources = commands.add_parser("sources", help="list sources and whether they can be bound")
+    sources.add_argument("--config", type=Path)
+    commands.add_parser("hash-password", help="hash a password for auth.users[].password_hash")
+    for sub in (serve, check, sources):
+        sub.add_argument("--version", action="version", version=f"kumoproxy {__version__}")
+    return parser
+
+
+def _load(path: Path | None) -> Config:
+    return embedded_default() if path is None else load_config(path)
+
+
+def _fail(message: str) -> int:
+    print(f"kumoproxy: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def cmd_check_config(path: Path) -> int:
+    try:
+        config = load_config(path)
+    except ConfigErrors as exc:
+        for error in exc.errors:
+            print(f"{path}: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    yaml.safe_dump(config_to_data(config), sys.stdout, sort_keys=False)
+    return EXIT_OK
+
+
+def cmd_sources(config: Config) -> int:
+    unbindable = 0
+    for source in config.sorted_sources():
+        problem = egress.probe_source(source)
+        unbindable += problem is not None
+        print(f"{source}\t{'bindable' if problem is None else 'NOT bindable: ' + problem}")
+    return EXIT_OK if unbindable == 0 else EXIT_ERROR
+
+
+def cmd_hash_password() -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            return _fail("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        return _fail("empty password")
+    if len(password.encode()) > 255:
+        return _fail("RFC 1929 passwords are at most 255 bytes")
+    print(hash_password(password.encode()))
+    return EXIT_OK
+
+
+async def _serve(config: Config) -> None:
+    log = structlog.get_logger("kumoproxy")
+    service = Service(config, logger=log)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve_then_stop(task_status: trio.TaskStatus[list[BoundListener]]) -> None:
+                await service.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained: stop waiting for signals
+
+            bound: list[BoundListener] = await nursery.start(serve_then_stop)
+            log.info(
+                "listening",
+                version=__version__,
+                config=config.origin,
+                listeners=[f"{b.config.protocol}://{_fmt(*b.address)}" for b in bound],
+                sources=len(config.sources),
+            )
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.warning("SIGHUP: live reload is not available yet; restart to apply")
+                elif service.draining:
+                    log.warning("second stop signal: closing every session now")
+                    nursery.cancel_scope.cancel()
+                else:
+                    log.info("stop signal: draining", signal=signal.Signals(signum).name)
+                    service.drain()
+
+
+def _fmt(host: object, port: int) -> str:
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def cmd_serve(config: Config) -> int:
+    configure_logging(config.log)
+    try:
+        trio.run(_serve, config)
+    except ListenError as exc:
+        return _fail(str(exc))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        match args.command:
+            case "check-config":
+                return cmd_check_config(args.file)
+            case "hash-password":
+                return cmd_hash_password()
+            case "sources":
+                return cmd_sources(_load(args.config))
+            case "serve":
+                return cmd_serve(_load(args.config))
+    except ConfigErrors as exc:
+        for error in exc.errors:
+            print(f"kumoproxy: config: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
