@@ -415,7 +415,7 @@ def _listeners(r: _Reader, value: Any) -> tuple[ListenerConfig, ...]:
             tls = _tls(r, m["tls"], _join(path, "tls"))
         if hp is None:
             continue
-        if hp in seen:
+        if hp in seen and hp[1] != 0:  # port 0: the kernel picks distinct ports
             r.error(_join(path, "listen"), f"{m['listen']} is used by another listener")
         seen.add(hp)
         out.append(ListenerConfig(m["listen"], hp[0], hp[1], protocol, tls))

@@ -112,10 +112,17 @@ class Service:
         try:
             for listener_config in self.config.listeners:
                 bound.append(await open_listener(listener_config))
-        except BaseException:
-            for b in bound:
-                await b.listener.aclose()
-            raise
+            await self._serve_until_drained(bound, task_status)
+        finally:
+            # Cancellation (a second signal, a test) must not leak listening sockets.
+            with trio.CancelScope(shield=True):
+                for b in bound:
+                    await b.listener.aclose()
+        self.log.info("stopped")
+
+    async def _serve_until_drained(
+        self, bound: list[BoundListener], task_status: trio.TaskStatus[list[BoundListener]]
+    ) -> None:
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as acceptors:
                 for b in bound:
@@ -123,7 +130,7 @@ class Service:
                 task_status.started(bound)
                 await self._drain_requested.wait()
                 acceptors.cancel_scope.cancel()
-            for b in bound:
+            for b in bound:  # new connections are now refused by the kernel
                 await b.listener.aclose()
             drain = self.config.timeouts.drain
             self.log.info("draining", active_sessions=self.active_sessions, drain_seconds=drain)
@@ -133,7 +140,6 @@ class Service:
             if self.active_sessions:
                 self.log.warning("drain timeout: closing sessions", remaining=self.active_sessions)
             sessions.cancel_scope.cancel()
-        self.log.info("stopped")
 
     async def _accept_loop(self, bound: BoundListener, sessions: trio.Nursery) -> None:
         backoff = ACCEPT_BACKOFF_INITIAL
