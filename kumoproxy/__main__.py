@@ -28,7 +28,7 @@ from kumoproxy.config import (
 )
 from kumoproxy.logs import configure_logging
 from kumoproxy.passwords import hash_password
-from kumoproxy.server import BoundListener, ListenError, Service
+from kumoproxy.server import BoundListener, ListenError, Service, open_listeners
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -47,8 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     sources = commands.add_parser("sources", help="list sources and whether they can be bound")
     sources.add_argument("--config", type=Path)
-    commands.add_parser("hash-password", help="hash a password for auth.users[].password_hash")
-    for sub in (serve, check, sources):
+    hash_cmd = commands.add_parser(
+        "hash-password", help="hash a password for auth.users[].password_hash"
+    )
+    for sub in (serve, check, sources, hash_cmd):
         sub.add_argument("--version", action="version", version=f"kumoproxy {__version__}")
     return parser
 
@@ -100,11 +102,14 @@ def cmd_hash_password() -> int:
 async def _serve(config: Config) -> None:
     log = structlog.get_logger("kumoproxy")
     service = Service(config, logger=log)
+    # Opened before any nursery, so "address in use" arrives as itself and
+    # not wrapped in an exception group.
+    listeners = await open_listeners(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def serve_then_stop(task_status: trio.TaskStatus[list[BoundListener]]) -> None:
-                await service.serve(task_status=task_status)
+                await service.serve(listeners, task_status=task_status)
                 nursery.cancel_scope.cancel()  # drained: stop waiting for signals
 
             bound: list[BoundListener] = await nursery.start(serve_then_stop)

@@ -62,6 +62,10 @@ DEFAULT_DENY: tuple[str, ...] = (
 #: SMTP (RFC 5321), submission over implicit TLS (RFC 8314), submission (RFC 6409).
 DEFAULT_PORTS: tuple[int, ...] = (25, 465, 587)
 
+#: Durations outside this range are typos (``0s``, ``10000000h``), not policy.
+MIN_DURATION = 0.001
+MAX_DURATION = 365 * 86400.0
+
 _PARENT = re.compile(r"(\.[^.\[]*|\[\d+\])$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -211,7 +215,11 @@ def _compose(text: str, origin: str) -> tuple[Any, dict[str, int]]:
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in n.value:
-                key = _construct_scalar(key_node)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise ConfigErrors(
+                        [ConfigError(path, "keys must be plain words", line=_line(key_node))]
+                    )
+                key = _construct_scalar(key_node, path)
                 child = f"{path}.{key}" if path else str(key)
                 if key in out:
                     raise ConfigErrors(
@@ -221,15 +229,25 @@ def _compose(text: str, origin: str) -> tuple[Any, dict[str, int]]:
             return out
         if isinstance(n, yaml.SequenceNode):
             return [walk(item, f"{path}[{i}]") for i, item in enumerate(n.value)]
-        return _construct_scalar(n)
+        return _construct_scalar(n, path)
 
     return walk(node, ""), lines
 
 
-def _construct_scalar(node: yaml.Node) -> Any:
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _construct_scalar(node: yaml.Node, path: str) -> Any:
+    """A scalar's value; tags we do not know (``!custom``, ``!!int lots``) are errors."""
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigErrors(
+            [ConfigError(path, f"invalid value: {problem}", line=_line(node))]
+        ) from exc
     finally:
         loader.dispose()
 
@@ -335,9 +353,23 @@ def parse_duration(value: Any) -> float:
     if match is None:
         raise ValueError("use a number and one of ms, s, m, h")
     seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError("must be greater than zero")
+    if not MIN_DURATION <= seconds <= MAX_DURATION:
+        raise ValueError("must be between 1ms and 365 days")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of :func:`parse_duration`, exactly.
+
+    ``repr`` keeps every digit and, within [1ms, 365 days], never switches to
+    exponent notation. Below a second, milliseconds read better (``250ms``)
+    when they convert back to the very same float.
+    """
+    if seconds < 1:
+        as_ms = f"{repr(seconds * 1000).removesuffix('.0')}ms"
+        if parse_duration(as_ms) == seconds:
+            return as_ms
+    return f"{repr(seconds).removesuffix('.0')}s"
 
 
 def parse_host_port(value: Any) -> tuple[IPAddress, int]:
@@ -692,9 +724,6 @@ def config_to_data(config: Config) -> dict[str, Any]:
             return "any"
         return [r.low if r.low == r.high else f"{r.low}-{r.high}" for r in ranges]
 
-    def seconds(value: float) -> str:
-        return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
-
     listeners: list[dict[str, Any]] = []
     for li in config.listeners:
         entry: dict[str, Any] = {"listen": li.listen, "protocol": li.protocol}
@@ -730,6 +759,6 @@ def config_to_data(config: Config) -> dict[str, Any]:
             "allow": nets(config.destinations.allow),
         },
         "limits": _fields(config.limits),
-        "timeouts": {k: seconds(v) for k, v in _fields(config.timeouts).items()},
+        "timeouts": {k: format_duration(v) for k, v in _fields(config.timeouts).items()},
         "log": _fields(config.log),
     }

@@ -76,6 +76,19 @@ async def open_listener(config: ListenerConfig) -> BoundListener:
     return BoundListener(config, trio.SocketListener(sock))
 
 
+async def open_listeners(config: Config) -> list[BoundListener]:
+    """Bind every configured listener, or none: on failure the open ones are closed."""
+    bound: list[BoundListener] = []
+    try:
+        for listener_config in config.listeners:
+            bound.append(await open_listener(listener_config))
+    except BaseException:
+        for b in bound:
+            await b.listener.aclose()
+        raise
+    return bound
+
+
 class Service:
     """The running proxy. ``serve`` runs it; ``drain`` asks it to stop."""
 
@@ -102,16 +115,19 @@ class Service:
         self._drain_requested.set()
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[list[BoundListener]] = trio.TASK_STATUS_IGNORED
+        self,
+        listeners: list[BoundListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[list[BoundListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Open every listener, then serve until drained.
+        """Serve until drained, on ``listeners`` or on freshly opened configured ones.
 
         ``task_status.started`` receives the bound listeners (tests use port 0).
+        The listeners are closed when this returns, however it returns.
         """
         bound: list[BoundListener] = []
         try:
-            for listener_config in self.config.listeners:
-                bound.append(await open_listener(listener_config))
+            bound = listeners if listeners is not None else await open_listeners(self.config)
             await self._serve_until_drained(bound, task_status)
         finally:
             # Cancellation (a second signal, a test) must not leak listening sockets.
