@@ -26,9 +26,10 @@ from kumoproxy.config import (
     embedded_default,
     load_config,
 )
+from kumoproxy.errors import KumoproxyError
 from kumoproxy.logs import configure_logging
 from kumoproxy.passwords import hash_password
-from kumoproxy.server import BoundListener, ListenError, Service, open_listeners
+from kumoproxy.server import BoundListener, Service, open_listeners
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -140,7 +141,7 @@ def cmd_serve(config: Config) -> int:
     configure_logging(config.log)
     try:
         trio.run(_serve, config)
-    except ListenError as exc:
+    except KumoproxyError as exc:  # cannot listen, cannot load a certificate
         return _fail(str(exc))
     return EXIT_OK
 

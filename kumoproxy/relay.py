@@ -46,7 +46,7 @@ class RelayResult:
 
 
 async def relay(
-    client: trio.abc.HalfCloseableStream,
+    client: trio.abc.Stream,
     upstream: trio.abc.HalfCloseableStream,
     *,
     idle_timeout: float,
@@ -55,16 +55,22 @@ async def relay(
     """Pump until both directions end, a side resets, or nothing moves for ``idle_timeout``.
 
     Bytes the client pipelined after its handshake must already have been
-    written to ``upstream`` by the caller.
+    written to ``upstream`` by the caller. A client stream that cannot
+    half-close (TLS) ends the session when the destination finishes.
     """
     result = RelayResult()
+    ended: RelayEnd | None = None
+
     with trio.CancelScope() as scope:
         scope.deadline = trio.current_time() + idle_timeout
 
+        def end(reason: RelayEnd) -> None:
+            nonlocal ended
+            ended = reason
+            scope.cancel()
+
         async def pump(
-            source: trio.abc.HalfCloseableStream,
-            sink: trio.abc.HalfCloseableStream,
-            direction: Direction,
+            source: trio.abc.Stream, sink: trio.abc.Stream, direction: Direction
         ) -> None:
             try:
                 while data := await source.receive_some(RECEIVE_SIZE):
@@ -76,15 +82,19 @@ async def relay(
                         result.bytes_down += len(data)
                     if on_bytes is not None:
                         on_bytes(direction, len(data))
-                await sink.send_eof()
+                if isinstance(sink, trio.abc.HalfCloseableStream):
+                    await sink.send_eof()
+                else:
+                    end(RelayEnd.DONE)  # TLS has no half-close: this direction ends it all
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # One side reset: the other direction has nowhere to go either.
-                result.end = RelayEnd.RESET
-                scope.cancel()
+                end(RelayEnd.RESET)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump, client, upstream, Direction.UP)
             nursery.start_soon(pump, upstream, client, Direction.DOWN)
-    if scope.cancelled_caught and result.end is RelayEnd.DONE:
+    if ended is not None:
+        result.end = ended
+    elif scope.cancelled_caught:
         result.end = RelayEnd.IDLE
     return result

@@ -30,6 +30,7 @@ from kumoproxy.session import (
     run_proxy,
     run_socks5,
 )
+from kumoproxy.tls import server_context
 
 #: accept() errors that mean "out of resources right now", not "listener
 #: broken": back off and try again (the reference proxy died here for good).
@@ -103,6 +104,11 @@ class Service:
         self.config = config
         self.log = logger if logger is not None else structlog.get_logger("kumoproxy")
         self._context = SessionContext(config, resolver, PasswordVerifier())
+        # Loaded up front: a bad certificate must stop start-up with one clear
+        # line, not fail every client later.
+        self._tls_contexts = {
+            li.listen: server_context(li.tls) for li in config.listeners if li.tls is not None
+        }
         self._observers = observers
         self._drain_requested = trio.Event()
         self._sessions_changed = trio.Event()
@@ -200,7 +206,8 @@ class Service:
                 record.reason = str(refusal.reason)
                 record.detail = refusal.detail
             elif listener.protocol == "socks5":
-                await run_socks5(self._context, record, stream)
+                tls_context = self._tls_contexts.get(listener.listen)
+                await run_socks5(self._context, record, stream, tls_context=tls_context)
             else:
                 await run_proxy(self._context, record, stream)
         except trio.Cancelled:

@@ -20,6 +20,7 @@ import contextlib
 import enum
 import ipaddress
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, assert_never
@@ -230,7 +231,7 @@ async def _open_upstream(
 async def _relay(
     ctx: SessionContext,
     record: SessionRecord,
-    client: trio.abc.HalfCloseableStream,
+    client: trio.abc.Stream,
     upstream: trio.SocketStream,
     pipelined: bytes,
 ) -> None:
@@ -263,7 +264,7 @@ class _Socks5Conn:
     """Pairs a stream with the server machine; reads until an event is ready."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
+        self.stream: trio.abc.Stream = stream  # replaced by the TLS stream after its handshake
         self.machine = socks5.Socks5Server()
 
     async def next_event(self) -> socks5.Greeting | socks5.Credentials | socks5.Request:
@@ -339,15 +340,47 @@ async def _authenticate(
     return user, requested
 
 
+def handshake_deadline(ctx: SessionContext, record: SessionRecord) -> float:
+    """One deadline for the whole negotiation, counted from accept (not per read)."""
+    return record.started_at + ctx.config.timeouts.handshake
+
+
+async def _tls_handshake(
+    record: SessionRecord, stream: trio.abc.Stream, context: ssl.SSLContext
+) -> trio.SSLStream[trio.abc.Stream]:
+    """Wrap the client in TLS; a missing or untrusted client certificate is an auth refusal."""
+    tls = trio.SSLStream(stream, context, server_side=True)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        reason = getattr(cause, "reason", None) or str(cause or exc)
+        certificate_problem = isinstance(cause, ssl.SSLError) and "CERTIFICATE" in str(reason)
+        refusal = Refusal(
+            RefusalReason.AUTH if certificate_problem else RefusalReason.PROTOCOL,
+            f"TLS handshake failed: {reason}",
+        )
+        refused = _refuse(record, refusal)
+        record.reply = None  # no SOCKS5 reply is possible before TLS is up
+        raise refused from exc
+    return tls
+
+
 async def run_socks5(
-    ctx: SessionContext, record: SessionRecord, stream: trio.abc.HalfCloseableStream
+    ctx: SessionContext,
+    record: SessionRecord,
+    stream: trio.abc.Stream,
+    *,
+    tls_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Serve one SOCKS5 client, filling ``record``. Never raises."""
-    conn = _Socks5Conn(stream)
+    """Serve one SOCKS5 client (over TLS when ``tls_context``), filling ``record``. Never raises."""
     bound: egress.BoundSocket | None = None
+    conn = _Socks5Conn(stream)
     try:
         try:
-            with trio.fail_after(ctx.config.timeouts.handshake):
+            with trio.fail_at(handshake_deadline(ctx, record)):
+                if tls_context is not None:
+                    conn.stream = await _tls_handshake(record, stream, tls_context)
                 request, user, requested = await _socks5_negotiate(ctx, record, conn)
                 if request.command is socks5.Command.BIND:
                     bound = await _socks5_bind(ctx, record, conn, request, user)
@@ -397,12 +430,12 @@ async def run_socks5(
             await upstream.aclose()
             record.outcome = Outcome.CLOSED
             return
-        await _relay(ctx, record, stream, upstream, conn.machine.trailing_data)
+        await _relay(ctx, record, conn.stream, upstream, conn.machine.trailing_data)
     except RemoteProtocolError as exc:
         record.outcome = Outcome.PROTOCOL_ERROR
         record.reason = str(RefusalReason.PROTOCOL)
         record.detail = str(exc)
-        await _send_then_close_quietly(stream, exc.answer)
+        await _send_then_close_quietly(conn.stream, exc.answer)
     except EgressError as exc:
         _egress_failed(record, exc)
         await _send_failure_reply(conn, record)
@@ -413,6 +446,11 @@ async def run_socks5(
     finally:
         if bound is not None:
             bound.close()
+        if conn.stream is not stream:  # TLS: say close_notify, within a bound
+            with trio.move_on_after(REFUSAL_WRITE_TIMEOUT) as cleanup:
+                cleanup.shield = True
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await conn.stream.aclose()
 
 
 async def _socks5_bind(
@@ -481,7 +519,7 @@ async def run_proxy(
     """
     try:
         try:
-            with trio.fail_after(ctx.config.timeouts.handshake):
+            with trio.fail_at(handshake_deadline(ctx, record)):
                 header, pipelined = await _read_proxy_header(stream)
             record.handshake_seconds = trio.current_time() - record.started_at
         except trio.TooSlowError:

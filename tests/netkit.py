@@ -59,8 +59,9 @@ class Target:
     """A TCP server that greets with the peer it sees, echoes, and says bye at EOF.
 
     Protocol: on accept it sends ``b"HELLO <ip> <port>\\r\\n"``; every byte
-    received is echoed back; at the client's EOF it sends ``b"BYE <n>\\r\\n"``
-    (``n`` = bytes received) and closes.
+    received is echoed back; at the client's EOF, or once it has received
+    ``b"CLOSE\\r\\n"``, it sends ``b"BYE <n>\\r\\n"`` (``n`` = bytes
+    received) and closes.
     """
 
     address: tuple[IPAddress, int]
@@ -90,7 +91,10 @@ async def _serve_target(
                 while data := await stream.receive_some(65536):
                     peer.received += data
                     await stream.send_all(data)
-                peer.eof.set()
+                    if peer.received.endswith(b"CLOSE\r\n"):
+                        break
+                else:
+                    peer.eof.set()
                 await stream.send_all(f"BYE {len(peer.received)}\r\n".encode())
             except trio.BrokenResourceError:
                 pass

@@ -532,11 +532,6 @@ def test_serve_with_a_missing_config_exits_1_without_traceback(tmp_path: Path) -
     assert "cannot read" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: serve ignores listeners[].tls (nothing outside config.py reads it): it "
-    "listens in plain text instead of failing on an unreadable certificate",
-)
 def test_serve_with_an_unreadable_certificate_exits_1_with_one_line(tmp_path: Path) -> None:
     key = tmp_path / "key.pem"  # a good key, so the missing certificate is the one error
     trustme.CA().issue_cert("localhost").private_key_pem.write_to_path(str(key))
