@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from kumoproxy.errors import ConfigError
+from kumoproxy.passwords import PasswordHashError, check_hash_format
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -61,6 +62,8 @@ DEFAULT_DENY: tuple[str, ...] = (
 
 #: SMTP (RFC 5321), submission over implicit TLS (RFC 8314), submission (RFC 6409).
 DEFAULT_PORTS: tuple[int, ...] = (25, 465, 587)
+
+_V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 
 #: Durations outside this range are typos (``0s``, ``10000000h``), not policy.
 MIN_DURATION = 0.001
@@ -497,6 +500,9 @@ def _sources(r: _Reader, value: Any, path: str) -> frozenset[IPAddress] | None:
             net = r.typed(item, item_path, _network, "an IP address or network")
             if net is None:
                 continue
+            if net.version == 6 and net.overlaps(_V4_MAPPED):
+                r.error(item_path, "v4-mapped IPv6 networks are not allowed; write IPv4")
+                continue
             if net.num_addresses > MAX_SOURCE_NETWORK_ADDRESSES:
                 r.error(item_path, f"network too large ({net.num_addresses} addresses)")
                 continue
@@ -535,6 +541,11 @@ def _auth(r: _Reader, value: Any, sources: frozenset[IPAddress]) -> AuthConfig:
         names.add(name)
         if not isinstance(password_hash, str) or not password_hash:
             r.error(_join(path, "password_hash"), "is required (from `kumoproxy hash-password`)")
+            continue
+        try:
+            check_hash_format(password_hash)
+        except PasswordHashError as exc:
+            r.error(_join(path, "password_hash"), str(exc))
             continue
         allowed = None
         if "sources" in u:
@@ -625,7 +636,9 @@ def _build(data: Any, lines: Mapping[str, int], *, embedded: bool, origin: str) 
     listeners = _listeners(r, top.get("listeners"))
     admin = _admin(r, top.get("admin"), AdminConfig(None, None, 0))
     sources = _sources(r, top.get("sources"), "sources") or frozenset()
-    if not sources and "sources" in top:
+    if "sources" not in top:
+        r.error("sources", "is required: list the source IPs this host owns")
+    elif top["sources"] in (None, []):
         r.error("sources", "list at least one source IP this host owns")
     default_source = None
     if top.get("default_source") is not None:

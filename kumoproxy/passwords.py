@@ -14,6 +14,7 @@ the plaintext is never stored, and a wrong password always pays full price.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 import re
@@ -28,8 +29,10 @@ DEFAULT_R = 8
 DEFAULT_P = 1
 SALT_BYTES = 16
 KEY_BYTES = 32
-#: Refuse hashes whose cost would take the host down (a hostile or mistyped config).
-MAX_LOG2_N = 22
+#: Refuse hashes whose cost would take the host down (a hostile or mistyped
+#: config): scrypt needs 128 * r * n bytes per check.
+MAX_LOG2_N = 20  # with r=8: 1 GiB, the memory cap below
+MAX_MEMORY = 1 << 30
 
 _FORMAT = re.compile(
     r"^\$scrypt\$ln=(?P<ln>\d{1,2}),r=(?P<r>\d{1,2}),p=(?P<p>\d{1,2})"
@@ -46,7 +49,10 @@ def _b64encode(data: bytes) -> str:
 
 
 def _b64decode(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4))
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error as exc:  # e.g. a length of 4k+1 characters
+        raise PasswordHashError("salt or key is not valid base64") from exc
 
 
 def _kdf(salt: bytes, log2_n: int, r: int, p: int, length: int) -> Scrypt:
@@ -72,6 +78,8 @@ def _parse(encoded: str) -> tuple[bytes, bytes, int, int, int]:
     log2_n, r, p = int(match["ln"]), int(match["r"]), int(match["p"])
     if not 1 <= log2_n <= MAX_LOG2_N or not 1 <= r <= 32 or not 1 <= p <= 16:
         raise PasswordHashError("scrypt parameters out of the supported range")
+    if 128 * r * 2**log2_n > MAX_MEMORY:
+        raise PasswordHashError("scrypt parameters need more than 1 GiB per check")
     salt, key = _b64decode(match["salt"]), _b64decode(match["key"])
     if len(key) < 16 or len(salt) < 8:
         raise PasswordHashError("salt or key too short")
