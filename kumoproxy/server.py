@@ -30,6 +30,7 @@ from kumoproxy.session import (
     run_proxy,
     run_socks5,
 )
+from kumoproxy.throttle import AuthThrottle
 from kumoproxy.tls import server_context
 
 #: accept() errors that mean "out of resources right now", not "listener
@@ -103,7 +104,7 @@ class Service:
     ) -> None:
         self.config = config
         self.log = logger if logger is not None else structlog.get_logger("kumoproxy")
-        self._context = SessionContext(config, resolver, PasswordVerifier())
+        self._context = SessionContext(config, resolver, PasswordVerifier(), AuthThrottle())
         # Loaded up front: a bad certificate must stop start-up with one clear
         # line, not fail every client later.
         self._tls_contexts = {
@@ -196,6 +197,7 @@ class Service:
             protocol=listener.protocol,
             client=f"[{peer}]:{peer_port}" if peer.version == 6 else f"{peer}:{peer_port}",
             started_at=trio.current_time(),
+            client_ip=peer,
         )
         self.active_sessions += 1
         try:

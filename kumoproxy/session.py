@@ -46,6 +46,7 @@ from kumoproxy.policy import (
 )
 from kumoproxy.proto import proxy_protocol, socks5
 from kumoproxy.relay import ByteCounter, Direction, RelayEnd, relay
+from kumoproxy.throttle import AuthThrottle
 
 #: Bytes per handshake read. Clients pipeline the whole negotiation and the
 #: first payload bytes into one segment; whatever follows the handshake is
@@ -91,12 +92,15 @@ class SessionRecord:
     handshake_seconds: float | None = None
     connect_seconds: float | None = None
     total_seconds: float | None = None
+    client_ip: IPAddress | None = None  # for per-client bookkeeping; logged as ``client``
+
+    _NOT_LOGGED = frozenset({"started_at", "client_ip"})
 
     def fields(self) -> dict[str, Any]:
         """The log line's stable keys; ``None`` values are left out."""
         out: dict[str, Any] = {}
         for name in self.__slots__:
-            if name == "started_at":
+            if name in self._NOT_LOGGED:
                 continue
             value = getattr(self, name)
             if value is None:
@@ -118,6 +122,7 @@ class SessionContext:
     config: Config
     resolver: egress.Resolver
     passwords: PasswordVerifier
+    auth_throttle: AuthThrottle
     on_bytes: Callable[[SessionRecord], ByteCounter] | None = None
 
 
@@ -309,12 +314,25 @@ async def _socks5_negotiate(
         credentials = await conn.next_event()
         assert isinstance(credentials, socks5.Credentials)
         user, requested = await _authenticate(ctx, record, credentials)
-        await conn.send(socks5.AuthResult(user is not None))
         if user is None:
+            await _slow_down_failure(ctx, record)
+            await conn.send(socks5.AuthResult(False))
             raise _Refused(record.detail or "authentication failed")
+        if record.client_ip is not None:
+            ctx.auth_throttle.record_success(record.client_ip)
+        await conn.send(socks5.AuthResult(True))
     request = await conn.next_event()
     assert isinstance(request, socks5.Request)
     return request, user, requested
+
+
+async def _slow_down_failure(ctx: SessionContext, record: SessionRecord) -> None:
+    """Repeated failures from one address wait longer and longer (bounded)."""
+    if record.client_ip is None:
+        return
+    delay = ctx.auth_throttle.record_failure(record.client_ip, trio.current_time())
+    record.detail = f"{record.detail}; failure reply delayed {delay:g}s"
+    await trio.sleep(delay)
 
 
 async def _authenticate(

@@ -7,6 +7,7 @@ whose wire format is pinned byte-for-byte in ``tests/proto``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import textwrap
@@ -266,3 +267,38 @@ async def read_exactly(stream: trio.abc.ReceiveStream, size: int, prefix: bytes 
             raise EOFError(f"EOF after {len(buffer)} of {size} bytes")
         buffer += data
     return bytes(buffer)
+
+
+@dataclass
+class HttpTarget:
+    """An HTTP/1.0 server whose response body is the client address it saw."""
+
+    port: int
+    peers: list[IPAddress]
+
+
+async def _serve_http(host: str, *, task_status: trio.TaskStatus[HttpTarget]) -> None:
+    listeners = await trio.open_tcp_listeners(0, host=host)
+    target = HttpTarget(listeners[0].socket.getsockname()[1], [])
+
+    async def handle(stream: trio.SocketStream) -> None:
+        peer = ipaddress.ip_address(stream.socket.getpeername()[0])
+        target.peers.append(peer)
+        async with stream:
+            with trio.move_on_after(10):
+                await read_until(stream, b"\r\n\r\n")
+                body = str(peer).encode()
+                head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(head + body)
+
+    task_status.started(target)
+    await trio.serve_listeners(handle, listeners)
+
+
+@asynccontextmanager
+async def http_server(host: str = "127.0.0.1") -> AsyncIterator[HttpTarget]:
+    async with trio.open_nursery() as nursery:
+        target: HttpTarget = await nursery.start(_serve_http, host)
+        yield target
+        nursery.cancel_scope.cancel()
