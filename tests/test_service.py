@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 import trio
@@ -450,3 +452,34 @@ destinations:
   ports: any
   allow: [127.0.0.0/8]
 """
+
+
+def _vectors(*verdicts: str) -> list[tuple[str, bytes]]:
+    path = Path(__file__).parent / "proto" / "proxy_protocol_vectors.json"
+    vectors = json.loads(path.read_text())["vectors"]
+    return [(v["id"], bytes.fromhex(v["hex"])) for v in vectors if v["verdict"] in verdicts]
+
+
+@pytest.mark.parametrize(
+    ("vector_id", "header"),
+    _vectors("valid-local", "valid-refuse"),
+    ids=[vid for vid, _ in _vectors("valid-local", "valid-refuse")],
+)
+async def test_proxy_headers_without_a_tcp_destination_never_connect_anywhere(
+    vector_id: str, header: bytes
+) -> None:
+    """LOCAL is a health check (closed cleanly); UNKNOWN/UNSPEC/UDP/UNIX are refused."""
+    async with running_service(make_config()) as svc:
+        async with await connect(svc.address("proxy")) as stream:
+            await stream.send_all(header)
+            assert await peer_closed(stream, wait=1.0)
+        record = await svc.next_record()
+    assert record.connect_seconds is None  # no outbound connection was even attempted
+    assert record.source is None
+    if vector_id.startswith("V2-OK-local"):
+        assert record.outcome is Outcome.HEALTH_CHECK
+    else:
+        assert record.outcome is Outcome.REFUSED
+        assert record.reason == "protocol"
+        assert record.detail is not None
+        assert "names no TCP destination" in record.detail
