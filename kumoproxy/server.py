@@ -23,13 +23,9 @@ from kumoproxy.config import Config, IPAddress, ListenerConfig
 from kumoproxy.errors import KumoproxyError
 from kumoproxy.passwords import PasswordVerifier
 from kumoproxy.policy import check_client
-from kumoproxy.session import (
-    Outcome,
-    SessionContext,
-    SessionRecord,
-    run_proxy,
-    run_socks5,
-)
+from kumoproxy.proxy_session import run_proxy
+from kumoproxy.session import Outcome, SessionContext, SessionRecord
+from kumoproxy.socks5_session import run_socks5
 from kumoproxy.throttle import AuthThrottle
 from kumoproxy.tls import server_context
 

@@ -1,0 +1,97 @@
+"""PROXY protocol (v1/v2) sessions: the header names the source and the destination.
+
+There is no reply channel: any refusal or failure closes the connection at
+once (wire.md §2), and the session's log line says why.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import trio
+
+from kumoproxy.errors import EgressError, RemoteProtocolError
+from kumoproxy.policy import Refusal, RefusalReason, select_source
+from kumoproxy.proto import proxy_protocol
+from kumoproxy.session import (
+    HANDSHAKE_READ_SIZE,
+    Outcome,
+    Refused,
+    SessionContext,
+    SessionRecord,
+    egress_failed,
+    format_endpoint,
+    handshake_deadline,
+    open_upstream,
+    refuse,
+    relay_session,
+)
+
+
+async def _read_proxy_header(
+    stream: trio.abc.Stream,
+) -> tuple[proxy_protocol.ProxyHeader, bytes]:
+    buffer = bytearray()
+    while (parsed := proxy_protocol.maybe_parse(buffer)) is None:
+        data = await stream.receive_some(HANDSHAKE_READ_SIZE)
+        if not data:
+            raise RemoteProtocolError(
+                f"connection closed after {len(buffer)} bytes of an incomplete PROXY header"
+            )
+        buffer += data
+    header, consumed = parsed
+    return header, bytes(buffer[consumed:])
+
+
+async def run_proxy(
+    ctx: SessionContext, record: SessionRecord, stream: trio.abc.HalfCloseableStream
+) -> None:
+    """Serve one PROXY-protocol client, filling ``record``. Never raises.
+
+    There is no reply channel: any refusal or failure closes at once.
+    """
+    try:
+        try:
+            with trio.fail_at(handshake_deadline(ctx, record)):
+                header, pipelined = await _read_proxy_header(stream)
+            record.handshake_seconds = trio.current_time() - record.started_at
+        except trio.TooSlowError:
+            record.outcome = Outcome.TIMEOUT
+            record.reason = str(RefusalReason.PROTOCOL)
+            record.detail = f"PROXY header not complete within {ctx.config.timeouts.handshake:g}s"
+            return
+        if header.command is proxy_protocol.Command.LOCAL:
+            record.outcome = Outcome.HEALTH_CHECK
+            return
+        endpoints = header.tcp_endpoints
+        if endpoints is None:
+            raise refuse(
+                record,
+                Refusal(
+                    RefusalReason.PROTOCOL,
+                    f"PROXY v{header.version} header names no TCP destination "
+                    f"({header.family.name}/{header.transport.name})",
+                ),
+            )
+        (source_ip, _ignored_port), (dest_ip, dest_port) = endpoints
+        record.source = str(source_ip)
+        record.destination = format_endpoint(dest_ip, dest_port)
+        choice = select_source(ctx.config, requested=source_ip, user=None)
+        if isinstance(choice, Refusal):
+            raise refuse(record, choice)
+        upstream = await open_upstream(
+            ctx, record, host=dest_ip, port=dest_port, source=choice, bound=None
+        )
+        local_host, local_port = upstream.socket.getsockname()[:2]
+        record.source = format_endpoint(ipaddress.ip_address(local_host), local_port)
+        await relay_session(ctx, record, stream, upstream, pipelined)
+    except RemoteProtocolError as exc:
+        record.outcome = Outcome.PROTOCOL_ERROR
+        record.reason = str(RefusalReason.PROTOCOL)
+        record.detail = str(exc)
+    except EgressError as exc:
+        egress_failed(record, exc)
+    except Refused:
+        pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        record.detail = f"client connection lost: {exc}"
