@@ -8,7 +8,9 @@ exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ from kumoproxy.config import (
 from kumoproxy.errors import KumoproxyError
 from kumoproxy.logs import configure_logging
 from kumoproxy.passwords import hash_password
-from kumoproxy.server import BoundListener, Service, open_listeners
+from kumoproxy.server import Bound, Service, open_listeners
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -100,30 +102,33 @@ def cmd_hash_password() -> int:
     return EXIT_OK
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, path: Path | None) -> None:
     log = structlog.get_logger("kumoproxy")
     service = Service(config, logger=log)
     # Opened before any nursery, so "address in use" arrives as itself and
     # not wrapped in an exception group.
-    listeners = await open_listeners(config)
+    bound = await open_listeners(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def serve_then_stop(task_status: trio.TaskStatus[list[BoundListener]]) -> None:
-                await service.serve(listeners, task_status=task_status)
+            async def serve_then_stop(task_status: trio.TaskStatus[Bound]) -> None:
+                await service.serve(bound, task_status=task_status)
                 nursery.cancel_scope.cancel()  # drained: stop waiting for signals
 
-            bound: list[BoundListener] = await nursery.start(serve_then_stop)
+            await nursery.start(serve_then_stop)
+            admin = bound.admin_address
             log.info(
                 "listening",
                 version=__version__,
                 config=config.origin,
-                listeners=[f"{b.config.protocol}://{_fmt(*b.address)}" for b in bound],
+                listeners=[f"{b.config.protocol}://{_fmt(*b.address)}" for b in bound.listeners],
+                admin=f"http://{_fmt(*admin)}" if admin is not None else None,
                 sources=len(config.sources),
+                nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             )
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.warning("SIGHUP: live reload is not available yet; restart to apply")
+                    await _reload(service, path, log)
                 elif service.draining:
                     log.warning("second stop signal: closing every session now")
                     nursery.cancel_scope.cancel()
@@ -132,15 +137,40 @@ async def _serve(config: Config) -> None:
                     service.drain()
 
 
+async def _reload(
+    service: Service, path: Path | None, log: structlog.typing.FilteringBoundLogger
+) -> None:
+    """SIGHUP: validate the file, then swap it in; on any error keep the old config."""
+    try:
+        config = await trio.to_thread.run_sync(_load, path)
+        ignored = service.reload(config)
+    except (ConfigErrors, KumoproxyError) as exc:
+        service.metrics.config_reloads.labels("error").inc()
+        errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+        log.error("reload refused, old config stays", errors=[str(e) for e in errors])
+        return
+    log.info("reloaded", config=config.origin, not_applied=ignored, sources=len(config.sources))
+
+
+def raise_file_limit() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit: each session needs two fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def _fmt(host: object, port: int) -> str:
     text = str(host)
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
-def cmd_serve(config: Config) -> int:
+def cmd_serve(config: Config, path: Path | None) -> int:
     configure_logging(config.log)
+    raise_file_limit()
     try:
-        trio.run(_serve, config)
+        trio.run(_serve, config, path)
     except KumoproxyError as exc:  # cannot listen, cannot load a certificate
         return _fail(str(exc))
     return EXIT_OK
@@ -157,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "sources":
                 return cmd_sources(_load(args.config))
             case "serve":
-                return cmd_serve(_load(args.config))
+                return cmd_serve(_load(args.config), args.config)
     except ConfigErrors as exc:
         for error in exc.errors:
             print(f"kumoproxy: config: {error}", file=sys.stderr)

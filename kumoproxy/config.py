@@ -149,6 +149,9 @@ class LimitsConfig:
     per_client: int = 2000
     per_source: int = 1000
     per_source_destination: int = 50
+    #: Sessions still negotiating at once. Beyond it the oldest negotiation
+    #: is cut, so a slow-loris flood evicts itself, not real clients.
+    handshakes: int = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +162,7 @@ class TimeoutsConfig:
     connect: float = 30.0
     idle: float = 300.0
     drain: float = 30.0
+    session: float = 3600.0  # maximum lifetime of one relayed session
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from kumoproxy.session import (
     SessionRecord,
     egress_failed,
     format_endpoint,
-    handshake_deadline,
+    handshake_phase,
     open_upstream,
     refuse,
     relay_session,
@@ -44,21 +44,23 @@ async def _read_proxy_header(
 
 
 async def run_proxy(
-    ctx: SessionContext, record: SessionRecord, stream: trio.abc.HalfCloseableStream
+    ctx: SessionContext,
+    record: SessionRecord,
+    stream: trio.abc.HalfCloseableStream,
+    *,
+    over_limit: Refusal | None = None,
 ) -> None:
     """Serve one PROXY-protocol client, filling ``record``. Never raises.
 
-    There is no reply channel: any refusal or failure closes at once.
+    There is no reply channel: any refusal or failure closes at once, and
+    so does a session accepted beyond ``max_sessions`` or ``per_client``.
     """
     try:
-        try:
-            with trio.fail_at(handshake_deadline(ctx, record)):
-                header, pipelined = await _read_proxy_header(stream)
-            record.handshake_seconds = trio.current_time() - record.started_at
-        except trio.TooSlowError:
-            record.outcome = Outcome.TIMEOUT
-            record.reason = str(RefusalReason.PROTOCOL)
-            record.detail = f"PROXY header not complete within {ctx.config.timeouts.handshake:g}s"
+        if over_limit is not None:
+            raise refuse(record, over_limit)
+        with handshake_phase(ctx, record) as phase:
+            header, pipelined = await _read_proxy_header(stream)
+        if not phase.completed:
             return
         if header.command is proxy_protocol.Command.LOCAL:
             record.outcome = Outcome.HEALTH_CHECK
@@ -79,12 +81,13 @@ async def run_proxy(
         choice = select_source(ctx.config, requested=source_ip, user=None)
         if isinstance(choice, Refusal):
             raise refuse(record, choice)
-        upstream = await open_upstream(
+        record.source_ip = choice
+        async with open_upstream(
             ctx, record, host=dest_ip, port=dest_port, source=choice, bound=None
-        )
-        local_host, local_port = upstream.socket.getsockname()[:2]
-        record.source = format_endpoint(ipaddress.ip_address(local_host), local_port)
-        await relay_session(ctx, record, stream, upstream, pipelined)
+        ) as upstream:
+            local_host, local_port = upstream.socket.getsockname()[:2]
+            record.source = format_endpoint(ipaddress.ip_address(local_host), local_port)
+            await relay_session(ctx, record, stream, upstream, pipelined)
     except RemoteProtocolError as exc:
         record.outcome = Outcome.PROTOCOL_ERROR
         record.reason = str(RefusalReason.PROTOCOL)

@@ -12,19 +12,28 @@ import errno
 import ipaddress
 import secrets
 import socket
+import ssl
+import time
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 import trio
+from prometheus_client import CollectorRegistry
 
 from kumoproxy import egress
+from kumoproxy.admin import AdminState, serve_admin
 from kumoproxy.config import Config, IPAddress, ListenerConfig
 from kumoproxy.errors import KumoproxyError
+from kumoproxy.handshakes import HandshakeTracker
+from kumoproxy.limits import LimitTracker
+from kumoproxy.metrics import Metrics
 from kumoproxy.passwords import PasswordVerifier
-from kumoproxy.policy import check_client
+from kumoproxy.policy import RefusalReason, check_client, unmap
 from kumoproxy.proxy_session import run_proxy
-from kumoproxy.session import Outcome, SessionContext, SessionRecord
+from kumoproxy.session import Outcome, SessionContext, SessionRecord, limit_refusal, refuse
 from kumoproxy.socks5_session import run_socks5
 from kumoproxy.throttle import AuthThrottle
 from kumoproxy.tls import server_context
@@ -58,37 +67,64 @@ class BoundListener:
         return ipaddress.ip_address(host), port
 
 
-async def open_listener(config: ListenerConfig) -> BoundListener:
-    """Bind one listener; IPv6 listeners are IPv6-only (no surprise dual-stack)."""
-    family = socket.AF_INET if config.host.version == 4 else socket.AF_INET6
+async def _listen(host: IPAddress, port: int, label: str) -> trio.SocketListener:
+    """A listening socket; IPv6 ones are IPv6-only (no surprise dual-stack)."""
+    family = socket.AF_INET if host.version == 4 else socket.AF_INET6
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind((str(config.host), config.port))
+        await sock.bind((str(host), port))
         sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
-        raise ListenError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
-    return BoundListener(config, trio.SocketListener(sock))
+        raise ListenError(f"cannot listen on {label}: {exc.strerror}") from exc
+    return trio.SocketListener(sock)
 
 
-async def open_listeners(config: Config) -> list[BoundListener]:
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """Every listening socket of the service: proxy listeners and the admin one."""
+
+    listeners: list[BoundListener]
+    admin: trio.SocketListener | None = None
+
+    @property
+    def admin_address(self) -> tuple[IPAddress, int] | None:
+        if self.admin is None:
+            return None
+        host, port = self.admin.socket.getsockname()[:2]
+        return ipaddress.ip_address(host), port
+
+    async def aclose(self) -> None:
+        for b in self.listeners:
+            await b.listener.aclose()
+        if self.admin is not None:
+            await self.admin.aclose()
+
+
+async def open_listeners(config: Config) -> Bound:
     """Bind every configured listener, or none: on failure the open ones are closed."""
-    bound: list[BoundListener] = []
+    opened = Bound([])
     try:
         for listener_config in config.listeners:
-            bound.append(await open_listener(listener_config))
+            listener = await _listen(
+                listener_config.host, listener_config.port, listener_config.listen
+            )
+            opened.listeners.append(BoundListener(listener_config, listener))
+        admin = config.admin
+        if admin.host is not None and admin.listen is not None:
+            admin_listener = await _listen(admin.host, admin.port, f"admin {admin.listen}")
+            opened = Bound(opened.listeners, admin_listener)
     except BaseException:
-        for b in bound:
-            await b.listener.aclose()
+        await opened.aclose()
         raise
-    return bound
+    return opened
 
 
 class Service:
-    """The running proxy. ``serve`` runs it; ``drain`` asks it to stop."""
+    """The running proxy. ``serve`` runs it; ``drain`` asks it to stop; ``reload`` swaps config."""
 
     def __init__(
         self,
@@ -97,60 +133,128 @@ class Service:
         resolver: egress.Resolver = egress.system_resolver,
         logger: structlog.typing.FilteringBoundLogger | None = None,
         observers: tuple[SessionObserver, ...] = (),
+        registry: CollectorRegistry | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.log = logger if logger is not None else structlog.get_logger("kumoproxy")
-        self._context = SessionContext(config, resolver, PasswordVerifier(), AuthThrottle())
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.limits = LimitTracker(config.limits)
+        self.handshakes = HandshakeTracker(config.limits.handshakes)
+        self.metrics.handshakes_active.set_function(lambda: len(self.handshakes))
+        self._resolver = resolver
+        self._passwords = PasswordVerifier()
+        self._auth_throttle = AuthThrottle()
+        self._wall_clock = wall_clock
         # Loaded up front: a bad certificate must stop start-up with one clear
         # line, not fail every client later.
-        self._tls_contexts = {
-            li.listen: server_context(li.tls) for li in config.listeners if li.tls is not None
-        }
+        self._tls_contexts = _tls_contexts(config)
+        self.metrics.config_loaded.set(wall_clock())
         self._observers = observers
+        self._source_totals: dict[IPAddress, Counter[str]] = defaultdict(Counter)
         self._drain_requested = trio.Event()
         self._sessions_changed = trio.Event()
         self.active_sessions = 0
+        self.listening = False
         self.draining = False
+
+    # -- control -----------------------------------------------------------
 
     def drain(self) -> None:
         """Stop accepting; running sessions get ``timeouts.drain`` to finish."""
         self.draining = True
+        self.metrics.draining.set(1)
         self._drain_requested.set()
+
+    def reload(self, config: Config) -> list[str]:
+        """Swap in ``config`` for new sessions; sessions in flight keep theirs.
+
+        Everything but the listening addresses changes: users, sources, policy,
+        limits, timeouts, certificates. Raises (and changes nothing) if a
+        certificate cannot be loaded. Returns what could not be applied.
+        """
+        tls_contexts = _tls_contexts(config)  # may raise: nothing is swapped yet
+        ignored = []
+        old = {(li.listen, li.protocol) for li in self.config.listeners}
+        new = {(li.listen, li.protocol) for li in config.listeners}
+        if old != new or self.config.admin.listen != config.admin.listen:
+            ignored.append("listener addresses (restart to apply)")
+        self.config = config
+        self._tls_contexts = tls_contexts
+        self.limits.limits = config.limits
+        self.handshakes.limit = config.limits.handshakes
+        self.metrics.config_reloads.labels("ok").inc()
+        self.metrics.config_loaded.set(self._wall_clock())
+        return ignored
+
+    def admin_state(self) -> AdminState:
+        """What /readyz and /sources report right now."""
+        if self.draining:
+            ready, reason = False, "draining"
+        elif not self.listening:
+            ready, reason = False, "starting"
+        else:
+            ready, reason = True, ""
+        sources: list[dict[str, object]] = []
+        for source in self.config.sorted_sources():
+            problem = egress.probe_source(source)
+            sources.append(
+                {
+                    "source": str(source),
+                    "bindable": problem is None,
+                    "problem": problem,
+                    "active": self.limits.source_connections(source),
+                    "totals": dict(self._source_totals.get(source, {})),
+                }
+            )
+        return AdminState(ready, reason, sources)
+
+    # -- running -----------------------------------------------------------
 
     async def serve(
         self,
-        listeners: list[BoundListener] | None = None,
+        bound: Bound | None = None,
         *,
-        task_status: trio.TaskStatus[list[BoundListener]] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until drained, on ``listeners`` or on freshly opened configured ones.
+        """Serve until drained, on ``bound`` or on freshly opened configured listeners.
 
-        ``task_status.started`` receives the bound listeners (tests use port 0).
-        The listeners are closed when this returns, however it returns.
+        ``task_status.started`` receives the bound sockets (tests use port 0).
+        They are all closed when this returns, however it returns.
         """
-        bound: list[BoundListener] = []
+        opened = Bound([])
         try:
-            bound = listeners if listeners is not None else await open_listeners(self.config)
-            await self._serve_until_drained(bound, task_status)
+            opened = bound if bound is not None else await open_listeners(self.config)
+            async with trio.open_nursery() as admin:
+                if opened.admin is not None:
+                    await admin.start(
+                        partial(
+                            serve_admin,
+                            opened.admin,
+                            registry=self.metrics.registry,
+                            state=self.admin_state,
+                        )
+                    )
+                await self._serve_until_drained(opened, task_status)
+                admin.cancel_scope.cancel()
         finally:
             # Cancellation (a second signal, a test) must not leak listening sockets.
             with trio.CancelScope(shield=True):
-                for b in bound:
-                    await b.listener.aclose()
+                await opened.aclose()
         self.log.info("stopped")
 
-    async def _serve_until_drained(
-        self, bound: list[BoundListener], task_status: trio.TaskStatus[list[BoundListener]]
-    ) -> None:
+    async def _serve_until_drained(self, bound: Bound, task_status: trio.TaskStatus[Bound]) -> None:
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as acceptors:
-                for b in bound:
+                for b in bound.listeners:
                     acceptors.start_soon(self._accept_loop, b, sessions)
+                self.listening = True
                 task_status.started(bound)
                 await self._drain_requested.wait()
                 acceptors.cancel_scope.cancel()
-            for b in bound:  # new connections are now refused by the kernel
+            for b in bound.listeners:  # new connections are now refused by the kernel
                 await b.listener.aclose()
+            self.listening = False
             drain = self.config.timeouts.drain
             self.log.info("draining", active_sessions=self.active_sessions, drain_seconds=drain)
             with trio.move_on_after(drain):
@@ -163,30 +267,41 @@ class Service:
     async def _accept_loop(self, bound: BoundListener, sessions: trio.Nursery) -> None:
         backoff = ACCEPT_BACKOFF_INITIAL
         failures = 0
+        label = bound.config.listen
         while True:
             try:
                 stream = await bound.listener.accept()
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
+                error = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                self.metrics.accept_errors.labels(label, error).inc()
                 if failures == 0:  # once per burst, not once per attempt
-                    self.log.error(
-                        "accept failing, backing off",
-                        listener=bound.config.listen,
-                        error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                    )
+                    self.log.error("accept failing, backing off", listener=label, error=error)
                 failures += 1
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
                 continue
             if failures:
-                self.log.info("accept recovered", listener=bound.config.listen, failures=failures)
+                self.log.info("accept recovered", listener=label, failures=failures)
                 failures, backoff = 0, ACCEPT_BACKOFF_INITIAL
             sessions.start_soon(self._handle, bound.config, stream)
 
+    def _session_context(self) -> SessionContext:
+        """A snapshot for one session: a reload later does not change it."""
+        return SessionContext(
+            config=self.config,
+            resolver=self._resolver,
+            passwords=self._passwords,
+            auth_throttle=self._auth_throttle,
+            limits=self.limits,
+            metrics=self.metrics,
+            handshakes=self.handshakes,
+        )
+
     async def _handle(self, listener: ListenerConfig, stream: trio.SocketStream) -> None:
         peer_host, peer_port = stream.socket.getpeername()[:2]
-        peer = ipaddress.ip_address(peer_host)
+        peer = unmap(ipaddress.ip_address(peer_host))
         record = SessionRecord(
             session_id=secrets.token_hex(8),
             listener=listener.listen,
@@ -195,19 +310,28 @@ class Service:
             started_at=trio.current_time(),
             client_ip=peer,
         )
+        ctx = self._session_context()
         self.active_sessions += 1
+        self.metrics.sessions_active.labels(listener.listen).inc()
+        admitted = False
         try:
             egress.set_keepalive(stream.socket)
-            refusal = check_client(self.config, peer)
+            refusal = check_client(ctx.config, peer)
             if refusal is not None:
-                record.outcome = Outcome.REFUSED
-                record.reason = str(refusal.reason)
-                record.detail = refusal.detail
-            elif listener.protocol == "socks5":
-                tls_context = self._tls_contexts.get(listener.listen)
-                await run_socks5(self._context, record, stream, tls_context=tls_context)
+                refuse(record, refusal)
+                return
+            over_limit = None
+            if (kind := self.limits.admit_session(peer)) is not None:
+                over_limit = limit_refusal(ctx, kind, f"client {peer}")
             else:
-                await run_proxy(self._context, record, stream)
+                admitted = True
+            if listener.protocol == "socks5":
+                tls_context = self._tls_contexts.get(listener.listen)
+                await run_socks5(
+                    ctx, record, stream, tls_context=tls_context, over_limit=over_limit
+                )
+            else:
+                await run_proxy(ctx, record, stream, over_limit=over_limit)
         except trio.Cancelled:
             record.detail = "closed at shutdown (drain time over)"
             raise
@@ -215,15 +339,27 @@ class Service:
             record.detail = f"internal error: {exc!r}"
             self.log.exception("session crashed", session_id=record.session_id)
         finally:
+            if admitted:
+                self.limits.release_session(peer)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             record.total_seconds = trio.current_time() - record.started_at
-            self._log_session(record)
+            self._account(record)
             self.active_sessions -= 1
             self._sessions_changed.set()
             self._sessions_changed = trio.Event()
 
-    def _log_session(self, record: SessionRecord) -> None:
+    def _account(self, record: SessionRecord) -> None:
+        """The session's log line, metrics and per-source totals."""
+        metrics = self.metrics
+        metrics.sessions_active.labels(record.listener).dec()
+        metrics.session_ends.labels(record.listener, record.end).inc()
+        if record.reason in REFUSAL_REASONS and record.outcome is not Outcome.OK:
+            metrics.refusals.labels(record.listener, record.reason).inc()
+        result = SOURCE_RESULTS.get(record.outcome)
+        if record.source_ip is not None and result is not None:
+            metrics.source_connections.labels(str(record.source_ip), result).inc()
+            self._source_totals[record.source_ip][result] += 1
         for observer in self._observers:
             observer(record)
         fields = record.fields()
@@ -231,3 +367,20 @@ class Service:
             self.log.info("session", **fields)
         else:
             self.log.warning("session", **fields)
+
+
+#: The ``reason`` labels of ``kumoproxy_refusals_total``.
+REFUSAL_REASONS = frozenset(str(r) for r in RefusalReason)
+
+#: Session outcome -> the ``result`` label of ``kumoproxy_source_connections_total``.
+SOURCE_RESULTS = {
+    Outcome.OK: "ok",
+    Outcome.REFUSED: "refused",
+    Outcome.BIND_FAILED: "bind_failed",
+    Outcome.CONNECT_FAILED: "connect_failed",
+    Outcome.TIMEOUT: "timeout",
+}
+
+
+def _tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
+    return {li.listen: server_context(li.tls) for li in config.listeners if li.tls is not None}

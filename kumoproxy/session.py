@@ -20,7 +20,8 @@ import contextlib
 import enum
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,20 +35,27 @@ from kumoproxy.errors import (
     EgressError,
     ResolveError,
 )
+from kumoproxy.handshakes import HandshakeTracker
+from kumoproxy.limits import LimitKind, LimitTracker
+from kumoproxy.metrics import OTHER_SOURCE, Metrics
 from kumoproxy.passwords import PasswordVerifier
 from kumoproxy.policy import (
     Refusal,
+    RefusalReason,
     check_destination,
     family_matches,
 )
 from kumoproxy.proto import socks5
-from kumoproxy.relay import ByteCounter, Direction, RelayEnd, relay
+from kumoproxy.relay import Direction, RelayEnd, relay
 from kumoproxy.throttle import AuthThrottle
 
 #: Bytes per handshake read. Clients pipeline the whole negotiation and the
 #: first payload bytes into one segment; whatever follows the handshake is
 #: forwarded as relay data, so over-reading is harmless.
 HANDSHAKE_READ_SIZE = 4096
+
+#: The ``end`` of a session cut by ``timeouts.session``.
+SESSION_LIFETIME_END = "lifetime"
 
 #: Deadline for writing a failure reply before we close anyway: a peer that
 #: does not read must not hold the session open.
@@ -89,8 +97,16 @@ class SessionRecord:
     connect_seconds: float | None = None
     total_seconds: float | None = None
     client_ip: IPAddress | None = None  # for per-client bookkeeping; logged as ``client``
+    source_ip: IPAddress | None = None  # the configured source chosen, for per-source metrics
 
-    _NOT_LOGGED = frozenset({"started_at", "client_ip"})
+    _NOT_LOGGED = frozenset({"started_at", "client_ip", "source_ip"})
+
+    @property
+    def end(self) -> str:
+        """How it ended, in one bounded word: the relay's end, or the outcome."""
+        if self.outcome is Outcome.OK and self.reason is not None:
+            return self.reason
+        return str(self.outcome)
 
     def fields(self) -> dict[str, Any]:
         """The log line's stable keys; ``None`` values are left out."""
@@ -113,13 +129,25 @@ class SessionRecord:
 
 @dataclass(slots=True)
 class SessionContext:
-    """What a session needs from the service, passed in (never global)."""
+    """What a session needs from the service, passed in (never global).
+
+    Built per session from the service's state at accept, so a SIGHUP
+    reload changes what new sessions see while sessions in flight keep the
+    configuration they started with.
+    """
 
     config: Config
     resolver: egress.Resolver
     passwords: PasswordVerifier
     auth_throttle: AuthThrottle
-    on_bytes: Callable[[SessionRecord], ByteCounter] | None = None
+    limits: LimitTracker
+    metrics: Metrics
+    handshakes: HandshakeTracker
+
+
+def source_label(record: SessionRecord) -> str:
+    """The bounded ``source`` label: a configured source IP, else ``other``."""
+    return str(record.source_ip) if record.source_ip is not None else OTHER_SOURCE
 
 
 class Refused(Exception):
@@ -171,6 +199,22 @@ async def _resolve(
     return addresses
 
 
+class _EgressSlot:
+    """One ``per_source``/``per_source_destination`` slot, released exactly once."""
+
+    def __init__(self, ctx: SessionContext, source: IPAddress, destination: IPAddress) -> None:
+        self._ctx, self._source, self._destination = ctx, source, destination
+        self._held = True
+        ctx.metrics.source_connections_active.labels(str(source)).inc()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._ctx.limits.release_egress(self._source, self._destination)
+            self._ctx.metrics.source_connections_active.labels(str(self._source)).dec()
+
+
+@asynccontextmanager
 async def open_upstream(
     ctx: SessionContext,
     record: SessionRecord,
@@ -179,44 +223,61 @@ async def open_upstream(
     port: int,
     source: IPAddress | None,
     bound: egress.BoundSocket | None,
-) -> trio.SocketStream:
-    """Resolve once, check policy on what resolved, connect; all under ``timeouts.connect``.
+) -> AsyncIterator[trio.SocketStream]:
+    """The outbound connection, with its egress slot held until it closes.
 
-    The address that passed the policy check is the one we connect to: there
-    is no second resolution between check and use.
+    Resolves once, checks policy on what resolved, and connects, all under
+    ``timeouts.connect``. The address that passed the policy check is the one
+    connected to: there is no second resolution between check and use.
     """
+    stream, slot = await _connect(ctx, record, host=host, port=port, source=source, bound=bound)
+    try:
+        async with stream:
+            yield stream
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+async def _connect(
+    ctx: SessionContext,
+    record: SessionRecord,
+    *,
+    host: socks5.Host,
+    port: int,
+    source: IPAddress | None,
+    bound: egress.BoundSocket | None,
+) -> tuple[trio.SocketStream, _EgressSlot | None]:
     started = trio.current_time()
     try:
         with trio.fail_after(ctx.config.timeouts.connect):
-            addresses = await _resolve(ctx, host, port, source)
-            refusal: Refusal | None = None
-            allowed: list[IPAddress] = []
-            for address in addresses:
-                if not family_matches(source, address):
-                    continue
-                refusal = check_destination(ctx.config, address, port)
-                if refusal is None:
-                    allowed.append(address)
-            if not allowed:
-                if refusal is None:
-                    raise ConnectFailedError(
-                        f"{host} is not reachable from source {source} (address family)", reply=3
-                    )
-                raise refuse(record, refusal)
-            record.destination = format_endpoint(allowed[0], port)
+            allowed = await _allowed_addresses(ctx, record, host, port, source)
             last_error: EgressError | None = None
             for address in allowed:
                 record.destination = format_endpoint(address, port)
-                sock = bound.sock if bound is not None else None
-                bound = None  # a bound socket can only be connected once
-                if sock is None:
-                    sock = (await egress.bind_source(source)).sock if source else None
-                if sock is None:
-                    sock = egress.unbound_socket(address)
+                slot = None
+                if source is not None:
+                    if (kind := ctx.limits.admit_egress(source, address)) is not None:
+                        raise refuse(
+                            record, limit_refusal(ctx, kind, f"source {source} to {address}")
+                        )
+                    slot = _EgressSlot(ctx, source, address)
                 try:
-                    return await egress.connect(sock, (address, port))
+                    sock = bound.sock if bound is not None else None
+                    bound = None  # a bound socket can only be connected once
+                    if sock is None and source is not None:
+                        sock = (await egress.bind_source(source)).sock
+                    if sock is None:
+                        sock = egress.unbound_socket(address)
+                    return await egress.connect(sock, (address, port)), slot
                 except ConnectFailedError as exc:
                     last_error = exc  # try the next address, as MTAs do
+                    if slot is not None:
+                        slot.release()
+                except BaseException:
+                    if slot is not None:
+                        slot.release()
+                    raise
             assert last_error is not None
             raise last_error
     except trio.TooSlowError:
@@ -225,8 +286,38 @@ async def open_upstream(
         ) from None
     finally:
         record.connect_seconds = trio.current_time() - started
+        if record.source_ip is not None:
+            ctx.metrics.connect_seconds.labels(str(record.source_ip)).observe(
+                record.connect_seconds
+            )
         if bound is not None:
             bound.close()
+
+
+async def _allowed_addresses(
+    ctx: SessionContext,
+    record: SessionRecord,
+    host: socks5.Host,
+    port: int,
+    source: IPAddress | None,
+) -> list[IPAddress]:
+    """Resolve (in the source's family) and keep what the destination policy allows."""
+    addresses = await _resolve(ctx, host, port, source)
+    refusal: Refusal | None = None
+    allowed: list[IPAddress] = []
+    for address in addresses:
+        if not family_matches(source, address):
+            continue
+        refusal = check_destination(ctx.config, address, port)
+        if refusal is None:
+            allowed.append(address)
+    if not allowed:
+        if refusal is None:
+            raise ConnectFailedError(
+                f"{host} is not reachable from source {source} (address family)", reply=3
+            )
+        raise refuse(record, refusal)
+    return allowed
 
 
 async def relay_session(
@@ -236,27 +327,89 @@ async def relay_session(
     upstream: trio.SocketStream,
     pipelined: bytes,
 ) -> None:
-    counter = ctx.on_bytes(record) if ctx.on_bytes is not None else None
-    async with upstream:
+    """Forward the pipelined bytes, then relay until done, idle, reset, or ``timeouts.session``.
+
+    Bytes are counted as they move (the record and ``kumoproxy_bytes_total``),
+    not only when the session ends.
+    """
+    label = source_label(record)
+    counters = {
+        Direction.UP: ctx.metrics.bytes.labels(label, "up"),
+        Direction.DOWN: ctx.metrics.bytes.labels(label, "down"),
+    }
+
+    def count(direction: Direction, size: int) -> None:
+        if direction is Direction.UP:
+            record.bytes_up += size
+        else:
+            record.bytes_down += size
+        counters[direction].inc(size)
+
+    record.outcome = Outcome.OK
+    with trio.move_on_after(ctx.config.timeouts.session) as lifetime:
         try:
             if pipelined:
                 await upstream.send_all(pipelined)
-                record.bytes_up += len(pipelined)
-                if counter is not None:
-                    counter(Direction.UP, len(pipelined))
+                count(Direction.UP, len(pipelined))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            record.outcome = Outcome.OK
             record.reason = str(RelayEnd.RESET)
             return
         result = await relay(
-            client, upstream, idle_timeout=ctx.config.timeouts.idle, on_bytes=counter
+            client, upstream, idle_timeout=ctx.config.timeouts.idle, on_bytes=count
         )
-    record.outcome = Outcome.OK
-    record.reason = str(result.end)
-    record.bytes_up += result.bytes_up
-    record.bytes_down += result.bytes_down
+        record.reason = str(result.end)
+    if lifetime.cancelled_caught:
+        record.reason = SESSION_LIFETIME_END
+        record.detail = f"session reached timeouts.session ({ctx.config.timeouts.session:g}s)"
 
 
 def handshake_deadline(ctx: SessionContext, record: SessionRecord) -> float:
     """One deadline for the whole negotiation, counted from accept (not per read)."""
     return record.started_at + ctx.config.timeouts.handshake
+
+
+@dataclass(slots=True)
+class HandshakePhase:
+    """Set by :func:`handshake_phase`: did the negotiation finish?"""
+
+    completed: bool = False
+
+
+@contextmanager
+def handshake_phase(ctx: SessionContext, record: SessionRecord) -> Iterator[HandshakePhase]:
+    """Run the negotiation under its deadline and the handshake cap.
+
+    On leaving, ``phase.completed`` says whether the body ran to its end; if
+    it did not, ``record`` already says why (timed out, or evicted by a newer
+    connection when ``limits.handshakes`` negotiations were in progress).
+    """
+    phase = HandshakePhase()
+    with (
+        ctx.handshakes.track() as eviction,
+        trio.move_on_at(handshake_deadline(ctx, record)) as deadline,
+    ):
+        yield phase
+        phase.completed = True
+    if phase.completed:
+        record.handshake_seconds = trio.current_time() - record.started_at
+        ctx.metrics.handshake_seconds.labels(record.listener).observe(record.handshake_seconds)
+    elif eviction.cancelled_caught:
+        record.outcome = Outcome.REFUSED
+        record.reason = str(RefusalReason.LIMIT)
+        record.detail = (
+            f"handshake cut: {ctx.handshakes.limit} newer negotiations in progress "
+            "(limits.handshakes)"
+        )
+        ctx.metrics.limit_refusals.labels(str(LimitKind.HANDSHAKES)).inc()
+    elif deadline.cancelled_caught:
+        record.outcome = Outcome.TIMEOUT
+        record.reason = str(RefusalReason.PROTOCOL)
+        record.detail = f"handshake not finished within {ctx.config.timeouts.handshake:g}s"
+
+
+def limit_refusal(ctx: SessionContext, kind: LimitKind, detail: str) -> Refusal:
+    """A refusal by a limit, counted by which limit."""
+    ctx.metrics.limit_refusals.labels(str(kind)).inc()
+    return Refusal(
+        RefusalReason.LIMIT, f"{kind} limit ({ctx.limits.limit_value(kind)}) reached: {detail}"
+    )

@@ -28,7 +28,7 @@ from kumoproxy.session import (
     SessionRecord,
     egress_failed,
     format_endpoint,
-    handshake_deadline,
+    handshake_phase,
     open_upstream,
     refuse,
     relay_session,
@@ -67,11 +67,21 @@ def _choose_method(config: Config, offered: tuple[int, ...]) -> socks5.Method:
 
 
 async def _socks5_negotiate(
-    ctx: SessionContext, record: SessionRecord, conn: _Socks5Conn
+    ctx: SessionContext, record: SessionRecord, conn: _Socks5Conn, over_limit: Refusal | None
 ) -> tuple[socks5.Request, UserConfig | None, IPAddress | None]:
     """Greeting and authentication; returns the first request and the user."""
     greeting = await conn.next_event()
     assert isinstance(greeting, socks5.Greeting)
+    if over_limit is not None:
+        # Answer REP 02 at the request without paying for authentication;
+        # a client that can only authenticate gets "no acceptable method".
+        cheap = socks5.Method.NO_AUTH in greeting.methods
+        await conn.send(
+            socks5.MethodSelection(socks5.Method.NO_AUTH if cheap else socks5.Method.NO_ACCEPTABLE)
+        )
+        if cheap:
+            await conn.next_event()
+        raise refuse(record, over_limit)
     method = _choose_method(ctx.config, greeting.methods)
     await conn.send(socks5.MethodSelection(method))
     if method is socks5.Method.NO_ACCEPTABLE:
@@ -156,27 +166,29 @@ async def run_socks5(
     stream: trio.abc.Stream,
     *,
     tls_context: ssl.SSLContext | None = None,
+    over_limit: Refusal | None = None,
 ) -> None:
-    """Serve one SOCKS5 client (over TLS when ``tls_context``), filling ``record``. Never raises."""
+    """Serve one SOCKS5 client (over TLS when ``tls_context``), filling ``record``. Never raises.
+
+    ``over_limit``: the session was accepted beyond ``max_sessions`` or
+    ``per_client``; it is answered REP 02 as cheaply as the protocol allows.
+    """
     bound: egress.BoundSocket | None = None
     conn = _Socks5Conn(stream)
     try:
-        try:
-            with trio.fail_at(handshake_deadline(ctx, record)):
-                if tls_context is not None:
-                    conn.stream = await _tls_handshake(record, stream, tls_context)
-                request, user, requested = await _socks5_negotiate(ctx, record, conn)
-                if request.command is socks5.Command.BIND:
-                    bound = await _socks5_bind(ctx, record, conn, request, user)
-                    # The machine allows only CONNECT after BIND (wire.md §1).
-                    after_bind = await conn.next_event()
-                    assert isinstance(after_bind, socks5.Request)
-                    request = after_bind
-            record.handshake_seconds = trio.current_time() - record.started_at
-        except trio.TooSlowError:
-            record.outcome = Outcome.TIMEOUT
-            record.reason = str(RefusalReason.PROTOCOL)
-            record.detail = f"handshake not finished within {ctx.config.timeouts.handshake:g}s"
+        with handshake_phase(ctx, record) as phase:
+            if tls_context is not None:
+                if over_limit is not None:  # not worth a TLS handshake
+                    raise refuse(record, over_limit)
+                conn.stream = await _tls_handshake(record, stream, tls_context)
+            request, user, requested = await _socks5_negotiate(ctx, record, conn, over_limit)
+            if request.command is socks5.Command.BIND:
+                bound = await _socks5_bind(ctx, record, conn, request, user)
+                # The machine allows only CONNECT after BIND (wire.md §1).
+                after_bind = await conn.next_event()
+                assert isinstance(after_bind, socks5.Request)
+                request = after_bind
+        if not phase.completed:
             return
         match request.command:
             case socks5.Command.UDP_ASSOCIATE:
@@ -199,22 +211,22 @@ async def run_socks5(
             choice = select_source(ctx.config, requested=requested, user=user)
             if isinstance(choice, Refusal):
                 raise refuse(record, choice)
-            source = choice
-        upstream = await open_upstream(
-            ctx, record, host=destination.host, port=destination.port, source=source, bound=bound
-        )
-        bound = None
-        local_host, local_port = upstream.socket.getsockname()[:2]
-        local = socks5.Endpoint(ipaddress.ip_address(local_host), local_port)
-        record.source = format_endpoint(local.host, local.port)
-        record.reply = socks5.Reply.SUCCEEDED
-        try:
-            await conn.send(socks5.ReplyEvent(socks5.Reply.SUCCEEDED, local))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await upstream.aclose()
-            record.outcome = Outcome.CLOSED
-            return
-        await relay_session(ctx, record, conn.stream, upstream, conn.machine.trailing_data)
+            source = record.source_ip = choice
+        taken, bound = bound, None  # open_upstream owns the bound socket now
+        async with open_upstream(
+            ctx, record, host=destination.host, port=destination.port, source=source, bound=taken
+        ) as upstream:
+            local_host, local_port = upstream.socket.getsockname()[:2]
+            local = socks5.Endpoint(ipaddress.ip_address(local_host), local_port)
+            record.source = format_endpoint(local.host, local.port)
+            record.reply = socks5.Reply.SUCCEEDED
+            try:
+                await conn.send(socks5.ReplyEvent(socks5.Reply.SUCCEEDED, local))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                record.outcome = Outcome.CLOSED
+                record.detail = "client left before the CONNECT reply"
+                return
+            await relay_session(ctx, record, conn.stream, upstream, conn.machine.trailing_data)
     except RemoteProtocolError as exc:
         record.outcome = Outcome.PROTOCOL_ERROR
         record.reason = str(RefusalReason.PROTOCOL)
@@ -257,6 +269,7 @@ async def _socks5_bind(
         raise refuse(record, choice)
     assert choice is not None
     record.source = str(choice)
+    record.source_ip = choice
     bound = await egress.bind_source(choice)
     try:
         await conn.send(socks5.ReplyEvent(socks5.Reply.SUCCEEDED, socks5.Endpoint(*bound.local)))

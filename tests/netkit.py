@@ -21,7 +21,7 @@ from kumoproxy import egress
 from kumoproxy.config import Config, IPAddress, parse_config
 from kumoproxy.errors import ResolveError
 from kumoproxy.proto import proxy_protocol, socks5
-from kumoproxy.server import BoundListener, Service
+from kumoproxy.server import Bound, BoundListener, Service
 from kumoproxy.session import SessionRecord
 
 BASE_CONFIG = """
@@ -32,6 +32,8 @@ listeners:
     protocol: proxy
   - listen: "[::1]:0"
     protocol: socks5
+admin:
+  listen: "127.0.0.1:0"
 sources: [127.0.0.2, 127.0.0.3, "::1", 203.0.113.77]
 clients:
   allow: [127.0.0.0/8, "::1/128"]
@@ -136,8 +138,18 @@ class SessionLog:
 @dataclass
 class RunningService:
     service: Service
-    listeners: list[BoundListener]
+    bound: Bound
     log: SessionLog
+
+    @property
+    def listeners(self) -> list[BoundListener]:
+        return self.bound.listeners
+
+    @property
+    def admin_address(self) -> tuple[str, int]:
+        address = self.bound.admin_address
+        assert address is not None, "this test config has no admin listener"
+        return str(address[0]), address[1]
 
     def address(self, protocol: str, version: int = 4) -> tuple[str, int]:
         for b in self.listeners:
@@ -157,8 +169,8 @@ async def running_service(
     log = SessionLog()
     service = Service(config, resolver=resolver, observers=(log,))
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(service.serve)
-        yield RunningService(service, listeners, log)
+        bound = await nursery.start(service.serve)
+        yield RunningService(service, bound, log)
         nursery.cancel_scope.cancel()
 
 

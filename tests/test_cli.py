@@ -279,6 +279,7 @@ def test_check_config_prints_the_effective_config_as_yaml(tmp_path: Path) -> Non
         "per_client": 2000,
         "per_source": 1000,
         "per_source_destination": 50,
+        "handshakes": 2000,
     }
     assert effective["timeouts"]["handshake"] == "10s"
     assert effective["timeouts"]["connect"] == "30s"
@@ -287,6 +288,7 @@ def test_check_config_prints_the_effective_config_as_yaml(tmp_path: Path) -> Non
         "connect": 30.0,
         "idle": 300.0,
         "drain": 30.0,
+        "session": 3600.0,
     }
     assert effective["log"] == {"format": "json", "level": "info"}
 
