@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ class ServeProcess:
 
     process: trio.Process
     listeners: dict[str, tuple[str, int]]  # "socks5" / "proxy" / "socks5-v6" -> address
+    admin: tuple[str, int] | None = None
     lines: list[dict[str, Any]] = field(default_factory=list)
     _stderr: bytearray = field(default_factory=bytearray)
 
@@ -59,8 +60,13 @@ def _listener_key(url: str) -> tuple[str, tuple[str, int]]:
 
 
 @asynccontextmanager
-async def serve_process(config_text: str, tmp_path: Path) -> AsyncIterator[ServeProcess]:
-    """Start ``python -m kumoproxy serve --config``; SIGKILL it if the test did not stop it."""
+async def serve_process(
+    config_text: str, tmp_path: Path, *, preexec_fn: Callable[[], None] | None = None
+) -> AsyncIterator[ServeProcess]:
+    """Start ``python -m kumoproxy serve --config``; SIGKILL it if the test did not stop it.
+
+    The config file is ``tmp_path / "kumoproxy.yaml"`` (rewrite it, then SIGHUP).
+    """
     config = tmp_path / "kumoproxy.yaml"
     config.write_text(config_text)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -68,12 +74,15 @@ async def serve_process(config_text: str, tmp_path: Path) -> AsyncIterator[Serve
         [sys.executable, "-m", "kumoproxy", "serve", "--config", str(config)],
         stderr=subprocess.PIPE,
         env=env,
+        preexec_fn=preexec_fn,
     )
     try:
         running = ServeProcess(process, {})
         with trio.fail_after(STARTUP_TIMEOUT):
             listening = await running.next_event("listening")
         running.listeners = dict(_listener_key(url) for url in listening["listeners"])
+        if listening.get("admin"):
+            running.admin = _listener_key(listening["admin"])[1]
         yield running
     finally:
         if process.returncode is None:
