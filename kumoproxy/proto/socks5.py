@@ -63,9 +63,10 @@ import enum
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Final, NoReturn, assert_never, final
+from typing import Final, NoReturn, assert_never
 
 from kumoproxy.errors import LocalProtocolError, RemoteProtocolError
+from kumoproxy.proto.common import NEED_DATA, NeedData
 
 __all__ = [
     "MAX_CREDENTIALS",
@@ -242,28 +243,6 @@ class ReplyEvent:
     reply: Reply
     bound: Endpoint = UNSPECIFIED_ENDPOINT
 
-
-@final
-class NeedData:
-    """Sentinel returned by ``next_event`` when more bytes are needed.
-
-    There is one instance, :data:`NEED_DATA`; ``NeedData()`` returns it.
-    """
-
-    __slots__ = ()
-    _instance: ClassVar[NeedData | None] = None
-
-    def __new__(cls) -> NeedData:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData()
-"""The :class:`NeedData` singleton."""
 
 ClientToServer = Greeting | Credentials | Request
 """Events a client sends and a server receives."""

@@ -74,8 +74,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar, Final, NoReturn, assert_never, final
+from typing import Final, NoReturn, assert_never
 
+from kumoproxy.proto.common import NEED_DATA, NeedData
 from mta_client.errors import (
     ConnectionLostError,
     LocalProtocolError,
@@ -227,29 +228,6 @@ class ServerReply:
             raise TransientSmtpError(reply, phase=self.command.value)
         if reply.is_permanent:
             raise PermanentSmtpError(reply, phase=self.command.value)
-
-
-@final
-class NeedData:
-    """Sentinel returned by ``next_event`` when more bytes are needed.
-
-    There is one instance, :data:`NEED_DATA`; ``NeedData()`` returns it.
-    """
-
-    __slots__ = ()
-    _instance: ClassVar[NeedData | None] = None
-
-    def __new__(cls) -> NeedData:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData()
-"""The :class:`NeedData` singleton."""
 
 
 # Commands the shell sends (events in).
