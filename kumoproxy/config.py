@@ -19,20 +19,42 @@ Two flavours of defaults exist, on purpose:
 from __future__ import annotations
 
 import ipaddress
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-import yaml
+from typing import Any, Literal
 
 from kumoproxy.errors import ConfigError
 from kumoproxy.passwords import PasswordHashError, check_hash_format
+from kumoproxy.yamlconfig import (
+    V4_MAPPED,
+    ConfigErrors,
+    IPAddress,
+    IPNetwork,
+    Reader,
+    compose,
+    fields_of,
+    format_duration,
+    join,
+    parse_address,
+    parse_bool,
+    parse_duration,
+    parse_host_port,
+    parse_network,
+    parse_port,
+    parse_positive_int,
+    read_section,
+)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+__all__ = [
+    "ConfigErrors",
+    "IPAddress",
+    "IPNetwork",
+    "format_duration",
+    "parse_duration",
+    "parse_host_port",
+]
 Protocol = Literal["socks5", "proxy"]
 LogFormat = Literal["json", "console"]
 
@@ -62,16 +84,6 @@ DEFAULT_DENY: tuple[str, ...] = (
 
 #: SMTP (RFC 5321), submission over implicit TLS (RFC 8314), submission (RFC 6409).
 DEFAULT_PORTS: tuple[int, ...] = (25, 465, 587)
-
-_V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
-
-#: Durations outside this range are typos (``0s``, ``10000000h``), not policy.
-MIN_DURATION = 0.001
-MAX_DURATION = 365 * 86400.0
-
-_PARENT = re.compile(r"(\.[^.\[]*|\[\d+\])$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,218 +204,14 @@ class Config:
         return sorted(self.sources, key=lambda a: (a.version, int(a)))
 
 
-class ConfigErrors(Exception):
-    """Every problem found in one configuration document."""
-
-    def __init__(self, errors: list[ConfigError]) -> None:
-        self.errors = errors
-        super().__init__("\n".join(str(e) for e in errors))
-
-
-# --------------------------------------------------------------------------
-# YAML with line numbers
-
-
-def _compose(text: str, origin: str) -> tuple[Any, dict[str, int]]:
-    """Parse YAML, returning plain data plus a map of key path -> line."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigErrors([ConfigError("", f"invalid YAML: {problem}", line=line)]) from exc
-    lines: dict[str, int] = {}
-    if node is None:
-        return {}, lines
-
-    def walk(n: yaml.Node, path: str) -> Any:
-        lines.setdefault(path, n.start_mark.line + 1)
-        if isinstance(n, yaml.MappingNode):
-            out: dict[Any, Any] = {}
-            for key_node, value_node in n.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    raise ConfigErrors(
-                        [ConfigError(path, "keys must be plain words", line=_line(key_node))]
-                    )
-                key = _construct_scalar(key_node, path)
-                child = f"{path}.{key}" if path else str(key)
-                if key in out:
-                    raise ConfigErrors(
-                        [ConfigError(child, "duplicate key", line=key_node.start_mark.line + 1)]
-                    )
-                out[key] = walk(value_node, child)
-            return out
-        if isinstance(n, yaml.SequenceNode):
-            return [walk(item, f"{path}[{i}]") for i, item in enumerate(n.value)]
-        return _construct_scalar(n, path)
-
-    return walk(node, ""), lines
-
-
-def _line(node: yaml.Node) -> int:
-    return int(node.start_mark.line) + 1
-
-
-def _construct_scalar(node: yaml.Node, path: str) -> Any:
-    """A scalar's value; tags we do not know (``!custom``, ``!!int lots``) are errors."""
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    except (yaml.YAMLError, ValueError, TypeError) as exc:
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigErrors(
-            [ConfigError(path, f"invalid value: {problem}", line=_line(node))]
-        ) from exc
-    finally:
-        loader.dispose()
-
-
-# --------------------------------------------------------------------------
-# The validating reader
-
-T = TypeVar("T")
-
-
-class _Reader:
-    """Collects errors while turning plain data into typed values."""
-
-    def __init__(self, lines: Mapping[str, int]) -> None:
-        self.lines = lines
-        self.errors: list[ConfigError] = []
-
-    def error(self, path: str, message: str) -> None:
-        line = self.lines.get(path)
-        parent = path
-        while line is None and parent:  # a missing key: report its nearest parent's line
-            parent = _PARENT.sub("", parent) if _PARENT.search(parent) else ""
-            line = self.lines.get(parent)
-        self.errors.append(ConfigError(path, message, line=line))
-
-    def mapping(self, value: Any, path: str, allowed: Iterable[str]) -> dict[str, Any] | None:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.error(path, f"must be a mapping, got {_kind(value)}")
-            return None
-        allowed_set = set(allowed)
-        for key in value:
-            if key not in allowed_set:
-                hint = ", ".join(sorted(allowed_set))
-                self.error(_join(path, str(key)), f"unknown key (expected one of: {hint})")
-        return value
-
-    def sequence(self, value: Any, path: str) -> list[Any] | None:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.error(path, f"must be a list, got {_kind(value)}")
-            return None
-        return value
-
-    def typed(self, value: Any, path: str, convert: Callable[[Any], T], what: str) -> T | None:
-        try:
-            return convert(value)
-        except (TypeError, ValueError) as exc:
-            detail = f" ({exc})" if str(exc) else ""
-            self.error(path, f"must be {what}, got {value!r}{detail}")
-            return None
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _kind(value: Any) -> str:
-    kinds: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
-    return kinds.get(type(value), repr(value))
-
-
-def _address(value: Any) -> IPAddress:
-    if not isinstance(value, str):
-        raise TypeError("not a string")
-    addr = ipaddress.ip_address(value)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        raise ValueError("v4-mapped IPv6 addresses are not allowed; write the IPv4 address")
-    return addr
-
-
-def _network(value: Any) -> IPNetwork:
-    if not isinstance(value, str):
-        raise TypeError("not a string")
-    return ipaddress.ip_network(value, strict=True)
-
-
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError("")
-    return value
-
-
-def _port(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ValueError("")
-    return value
-
-
-def parse_duration(value: Any) -> float:
-    """``10s``, ``5m``, ``250ms``, ``1h``, ``1.5s`` -> seconds."""
-    if not isinstance(value, str):
-        raise TypeError("a duration needs a unit")
-    match = _DURATION.match(value.strip())
-    if match is None:
-        raise ValueError("use a number and one of ms, s, m, h")
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if not MIN_DURATION <= seconds <= MAX_DURATION:
-        raise ValueError("must be between 1ms and 365 days")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """The inverse of :func:`parse_duration`, exactly.
-
-    ``repr`` keeps every digit and, within [1ms, 365 days], never switches to
-    exponent notation. Below a second, milliseconds read better (``250ms``)
-    when they convert back to the very same float.
-    """
-    if seconds < 1:
-        as_ms = f"{repr(seconds * 1000).removesuffix('.0')}ms"
-        if parse_duration(as_ms) == seconds:
-            return as_ms
-    return f"{repr(seconds).removesuffix('.0')}s"
-
-
-def parse_host_port(value: Any) -> tuple[IPAddress, int]:
-    """``127.0.0.1:1080`` or ``[::1]:1080``; the host must be an IP address."""
-    if not isinstance(value, str):
-        raise TypeError("not a string")
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isascii() or not port_text.isdigit():
-        raise ValueError('expected "ip:port" or "[ipv6]:port"')
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError("put IPv6 addresses in brackets")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError("port out of range")
-    return ipaddress.ip_address(host), port
-
-
 def _port_range(value: Any) -> PortRange:
     if isinstance(value, int) and not isinstance(value, bool):
-        port = _port(value)
+        port = parse_port(value)
         return PortRange(port, port)
     if isinstance(value, str):
         low_text, sep, high_text = value.partition("-")
         if sep and all(t.isascii() and t.isdigit() for t in (low_text, high_text)):
-            low, high = _port(int(low_text)), _port(int(high_text))
+            low, high = parse_port(int(low_text)), parse_port(int(high_text))
             if low <= high:
                 return PortRange(low, high)
     raise ValueError('a port or a range such as "19000-19999"')
@@ -426,7 +234,7 @@ _TOP_KEYS = (
 )
 
 
-def _listeners(r: _Reader, value: Any) -> tuple[ListenerConfig, ...]:
+def _listeners(r: Reader, value: Any) -> tuple[ListenerConfig, ...]:
     items = r.sequence(value, "listeners")
     if items is None:
         return ()
@@ -440,28 +248,28 @@ def _listeners(r: _Reader, value: Any) -> tuple[ListenerConfig, ...]:
         if m is None:
             continue
         if "listen" not in m:
-            r.error(_join(path, "listen"), "is required")
+            r.error(join(path, "listen"), "is required")
             continue
-        hp = r.typed(m["listen"], _join(path, "listen"), parse_host_port, '"ip:port"')
+        hp = r.typed(m["listen"], join(path, "listen"), parse_host_port, '"ip:port"')
         protocol = m.get("protocol")
         if protocol not in ("socks5", "proxy"):
-            r.error(_join(path, "protocol"), f"must be socks5 or proxy, got {protocol!r}")
+            r.error(join(path, "protocol"), f"must be socks5 or proxy, got {protocol!r}")
             continue
         tls = None
         if m.get("tls") is not None:
             if protocol != "socks5":
-                r.error(_join(path, "tls"), "TLS is supported on socks5 listeners only")
-            tls = _tls(r, m["tls"], _join(path, "tls"))
+                r.error(join(path, "tls"), "TLS is supported on socks5 listeners only")
+            tls = _tls(r, m["tls"], join(path, "tls"))
         if hp is None:
             continue
         if hp in seen and hp[1] != 0:  # port 0: the kernel picks distinct ports
-            r.error(_join(path, "listen"), f"{m['listen']} is used by another listener")
+            r.error(join(path, "listen"), f"{m['listen']} is used by another listener")
         seen.add(hp)
         out.append(ListenerConfig(m["listen"], hp[0], hp[1], protocol, tls))
     return tuple(out)
 
 
-def _tls(r: _Reader, value: Any, path: str) -> TlsConfig | None:
+def _tls(r: Reader, value: Any, path: str) -> TlsConfig | None:
     m = r.mapping(value, path, ("certificate", "private_key", "client_ca"))
     if m is None:
         return None
@@ -470,10 +278,10 @@ def _tls(r: _Reader, value: Any, path: str) -> TlsConfig | None:
         raw = m.get(key)
         if raw is None:
             if key != "client_ca":
-                r.error(_join(path, key), "is required")
+                r.error(join(path, key), "is required")
             paths[key] = None
         elif not isinstance(raw, str):
-            r.error(_join(path, key), "must be a file path")
+            r.error(join(path, key), "must be a file path")
             paths[key] = None
         else:
             paths[key] = Path(raw)
@@ -483,7 +291,7 @@ def _tls(r: _Reader, value: Any, path: str) -> TlsConfig | None:
     return TlsConfig(cert, key_path, paths["client_ca"])
 
 
-def _admin(r: _Reader, value: Any, default: AdminConfig) -> AdminConfig:
+def _admin(r: Reader, value: Any, default: AdminConfig) -> AdminConfig:
     m = r.mapping(value, "admin", ("listen",))
     if not m or m.get("listen") is None:
         return default
@@ -493,7 +301,7 @@ def _admin(r: _Reader, value: Any, default: AdminConfig) -> AdminConfig:
     return AdminConfig(m["listen"], hp[0], hp[1])
 
 
-def _sources(r: _Reader, value: Any, path: str) -> frozenset[IPAddress] | None:
+def _sources(r: Reader, value: Any, path: str) -> frozenset[IPAddress] | None:
     items = r.sequence(value, path)
     if items is None:
         return None
@@ -501,10 +309,10 @@ def _sources(r: _Reader, value: Any, path: str) -> frozenset[IPAddress] | None:
     for i, item in enumerate(items):
         item_path = f"{path}[{i}]"
         if isinstance(item, str) and "/" in item:
-            net = r.typed(item, item_path, _network, "an IP address or network")
+            net = r.typed(item, item_path, parse_network, "an IP address or network")
             if net is None:
                 continue
-            if net.version == 6 and net.overlaps(_V4_MAPPED):
+            if net.version == 6 and net.overlaps(V4_MAPPED):
                 r.error(item_path, "v4-mapped IPv6 networks are not allowed; write IPv4")
                 continue
             if net.num_addresses > MAX_SOURCE_NETWORK_ADDRESSES:
@@ -512,23 +320,25 @@ def _sources(r: _Reader, value: Any, path: str) -> frozenset[IPAddress] | None:
                 continue
             out.update(net if net.num_addresses <= 2 else net.hosts())
         else:
-            addr = r.typed(item, item_path, _address, "an IP address")
+            addr = r.typed(item, item_path, parse_address, "an IP address")
             if addr is not None:
                 out.add(addr)
     return frozenset(out)
 
 
-def _networks(r: _Reader, value: Any, path: str) -> tuple[IPNetwork, ...]:
+def _networks(r: Reader, value: Any, path: str) -> tuple[IPNetwork, ...]:
     items = r.sequence(value, path) or []
-    nets = (r.typed(item, f"{path}[{i}]", _network, "a network") for i, item in enumerate(items))
+    nets = (
+        r.typed(item, f"{path}[{i}]", parse_network, "a network") for i, item in enumerate(items)
+    )
     return tuple(n for n in nets if n is not None)
 
 
-def _auth(r: _Reader, value: Any, sources: frozenset[IPAddress]) -> AuthConfig:
+def _auth(r: Reader, value: Any, sources: frozenset[IPAddress]) -> AuthConfig:
     m = r.mapping(value, "auth", ("required", "users"))
     if not m:
         return AuthConfig()
-    required = r.typed(m.get("required", False), "auth.required", _bool, "true or false")
+    required = r.typed(m.get("required", False), "auth.required", parse_bool, "true or false")
     users: list[UserConfig] = []
     names: set[str] = set()
     for i, item in enumerate(r.sequence(m.get("users"), "auth.users") or []):
@@ -538,29 +348,29 @@ def _auth(r: _Reader, value: Any, sources: frozenset[IPAddress]) -> AuthConfig:
             continue
         name, password_hash = u.get("name"), u.get("password_hash")
         if not isinstance(name, str) or not 1 <= len(name.encode()) <= 255 or "+" in name:
-            r.error(_join(path, "name"), "must be 1-255 bytes without '+' (it selects a source)")
+            r.error(join(path, "name"), "must be 1-255 bytes without '+' (it selects a source)")
             continue
         if name in names:
-            r.error(_join(path, "name"), f"user {name!r} is defined twice")
+            r.error(join(path, "name"), f"user {name!r} is defined twice")
         names.add(name)
         if not isinstance(password_hash, str) or not password_hash:
-            r.error(_join(path, "password_hash"), "is required (from `kumoproxy hash-password`)")
+            r.error(join(path, "password_hash"), "is required (from `kumoproxy hash-password`)")
             continue
         try:
             check_hash_format(password_hash)
         except PasswordHashError as exc:
-            r.error(_join(path, "password_hash"), str(exc))
+            r.error(join(path, "password_hash"), str(exc))
             continue
         allowed = None
         if "sources" in u:
-            allowed = _sources(r, u["sources"], _join(path, "sources"))
+            allowed = _sources(r, u["sources"], join(path, "sources"))
             for addr in sorted(allowed or (), key=str):
                 if addr not in sources:
-                    r.error(_join(path, "sources"), f"{addr} is not in the top-level sources")
+                    r.error(join(path, "sources"), f"{addr} is not in the top-level sources")
         user_default = None
         if u.get("default_source") is not None:
             user_default = r.typed(
-                u["default_source"], _join(path, "default_source"), _address, "an IP address"
+                u["default_source"], join(path, "default_source"), parse_address, "an IP address"
             )
         users.append(UserConfig(name, password_hash, allowed, user_default))
     if required and not users:
@@ -568,7 +378,7 @@ def _auth(r: _Reader, value: Any, sources: frozenset[IPAddress]) -> AuthConfig:
     return AuthConfig(bool(required), tuple(users))
 
 
-def _destinations(r: _Reader, value: Any, defaults: DestinationsConfig) -> DestinationsConfig:
+def _destinations(r: Reader, value: Any, defaults: DestinationsConfig) -> DestinationsConfig:
     m = r.mapping(value, "destinations", ("ports", "deny", "allow"))
     if not m:
         return defaults
@@ -589,27 +399,6 @@ def _destinations(r: _Reader, value: Any, defaults: DestinationsConfig) -> Desti
     return DestinationsConfig(ports, deny, allow)
 
 
-def _section(
-    r: _Reader, value: Any, path: str, default: T, converters: Mapping[str, tuple[Any, str]]
-) -> T:
-    """Read a flat section whose keys map onto dataclass fields."""
-    m = r.mapping(value, path, converters)
-    if not m:
-        return default
-    changes = {}
-    for key, raw in m.items():
-        if key in converters:
-            convert, what = converters[key]
-            parsed = r.typed(raw, _join(path, key), convert, what)
-            if parsed is not None:
-                changes[key] = parsed
-    return type(default)(**{**_fields(default), **changes})
-
-
-def _fields(obj: Any) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
-
-
 def _log_format(value: Any) -> LogFormat:
     if value not in ("json", "console"):
         raise ValueError("")
@@ -622,8 +411,8 @@ def _log_level(value: Any) -> str:
     return str(value)
 
 
-_LIMIT_KEYS = {k: (_positive_int, "a positive integer") for k in _fields(LimitsConfig())}
-_TIMEOUT_KEYS = {k: (parse_duration, "a duration such as 10s") for k in _fields(TimeoutsConfig())}
+_LIMIT_KEYS = {k: (parse_positive_int, "a positive integer") for k in fields_of(LimitsConfig())}
+_TIMEOUT_KEYS = {k: (parse_duration, "a duration such as 10s") for k in fields_of(TimeoutsConfig())}
 _LOG_KEYS = {
     "format": (_log_format, "json or console"),
     "level": (_log_level, "debug, info, warning or error"),
@@ -631,7 +420,7 @@ _LOG_KEYS = {
 
 
 def _build(data: Any, lines: Mapping[str, int], *, embedded: bool, origin: str) -> Config:
-    r = _Reader(lines)
+    r = Reader(lines)
     top = r.mapping(data, "", _TOP_KEYS)
     if top is None:
         raise ConfigErrors(r.errors)
@@ -646,7 +435,7 @@ def _build(data: Any, lines: Mapping[str, int], *, embedded: bool, origin: str) 
         r.error("sources", "list at least one source IP this host owns")
     default_source = None
     if top.get("default_source") is not None:
-        default_source = r.typed(top["default_source"], "default_source", _address, "an IP")
+        default_source = r.typed(top["default_source"], "default_source", parse_address, "an IP")
         if default_source is not None and default_source not in sources:
             r.error("default_source", f"{default_source} is not in sources")
     clients = r.mapping(top.get("clients"), "clients", ("allow",)) or {}
@@ -672,9 +461,9 @@ def _build(data: Any, lines: Mapping[str, int], *, embedded: bool, origin: str) 
         )
     )
     destinations = _destinations(r, top.get("destinations"), destination_defaults)
-    limits = _section(r, top.get("limits"), "limits", LimitsConfig(), _LIMIT_KEYS)
-    timeouts = _section(r, top.get("timeouts"), "timeouts", TimeoutsConfig(), _TIMEOUT_KEYS)
-    log = _section(r, top.get("log"), "log", LogConfig(), _LOG_KEYS)
+    limits = read_section(r, top.get("limits"), "limits", LimitsConfig(), _LIMIT_KEYS)
+    timeouts = read_section(r, top.get("timeouts"), "timeouts", TimeoutsConfig(), _TIMEOUT_KEYS)
+    log = read_section(r, top.get("log"), "log", LogConfig(), _LOG_KEYS)
     if r.errors:
         raise ConfigErrors(r.errors)
     return Config(
@@ -706,7 +495,7 @@ _EVERYWHERE: tuple[IPNetwork, ...] = (
 
 def parse_config(text: str, *, origin: str = "<string>", embedded: bool = False) -> Config:
     """Parse and validate a YAML document. Raises :class:`ConfigErrors`."""
-    data, lines = _compose(text, origin)
+    data, lines = compose(text, origin)
     return _build(data, lines, embedded=embedded, origin=origin)
 
 
@@ -775,7 +564,7 @@ def config_to_data(config: Config) -> dict[str, Any]:
             "deny": nets(config.destinations.deny),
             "allow": nets(config.destinations.allow),
         },
-        "limits": _fields(config.limits),
-        "timeouts": {k: format_duration(v) for k, v in _fields(config.timeouts).items()},
-        "log": _fields(config.log),
+        "limits": fields_of(config.limits),
+        "timeouts": {k: format_duration(v) for k, v in fields_of(config.timeouts).items()},
+        "log": fields_of(config.log),
     }
