@@ -180,3 +180,42 @@ async def test_a_client_that_never_finishes_tls_is_cut_at_the_handshake_deadline
         record = await svc.next_record()
     assert record.outcome is Outcome.TIMEOUT
     assert 10 <= cut_after <= 10.5
+
+
+async def test_reload_swaps_the_certificate_for_new_sessions(tmp_path: Path) -> None:
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+
+    def listener_yaml(ca: trustme.CA, name: str) -> str:
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        chain, key = tmp_path / f"{name}-cert.pem", tmp_path / f"{name}-key.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+        cert.private_key_pem.write_to_path(str(key))
+        return (
+            '\nlisteners:\n  - listen: "127.0.0.1:0"\n    protocol: socks5\n'
+            f"    tls:\n      certificate: {chain}\n      private_key: {key}\n"
+            "sources: [127.0.0.2]\nclients:\n  allow: [127.0.0.0/8]\n"
+            "destinations:\n  ports: any\n  allow: [127.0.0.0/8]\n"
+        )
+
+    def trusting(ca: trustme.CA) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        return context
+
+    async def handshake(svc_address: tuple[str, int], context: ssl.SSLContext) -> bool:
+        stream = trio.SSLStream(await connect(svc_address), context, server_hostname="localhost")
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError:
+            return False
+        finally:
+            await trio.aclose_forcefully(stream)
+        return True
+
+    async with running_service(make_config(base=listener_yaml(old_ca, "old"))) as svc:
+        address = svc.address("socks5")
+        before = await handshake(address, trusting(old_ca))
+        svc.service.reload(make_config(base=listener_yaml(new_ca, "new")))
+        after_new = await handshake(address, trusting(new_ca))
+        after_old = await handshake(address, trusting(old_ca))
+    assert (before, after_new, after_old) == (True, True, False)
