@@ -8,7 +8,7 @@ the same way whatever machine it drives.
 
 from __future__ import annotations
 
-from typing import ClassVar, Final, final
+from typing import ClassVar, Final, NoReturn, final
 
 
 @final
@@ -32,3 +32,27 @@ class NeedData:
 
 NEED_DATA: Final = NeedData()
 """The :class:`NeedData` singleton."""
+
+
+class BufferedReceiver:
+    """h11's ``receive_data`` contract, shared by every machine.
+
+    Bytes accumulate in ``_buffer``; ``b""`` marks EOF; data after EOF is
+    the caller's bug, reported through the machine's own :meth:`_misuse`
+    (which raises that package's LocalProtocolError and enters ERROR).
+    """
+
+    _buffer: bytearray
+    _eof: bool
+
+    def _misuse(self, message: str) -> NoReturn:
+        raise NotImplementedError
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes from the peer; ``b""`` means the peer closed (EOF)."""
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            self._misuse("received data after EOF")
+        self._buffer += data

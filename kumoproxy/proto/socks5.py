@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from typing import Final, NoReturn, assert_never
 
 from kumoproxy.errors import LocalProtocolError, RemoteProtocolError
-from kumoproxy.proto.common import NEED_DATA, NeedData
+from kumoproxy.proto.common import NEED_DATA, BufferedReceiver, NeedData
 
 __all__ = [
     "MAX_CREDENTIALS",
@@ -656,7 +656,7 @@ _SERVER_SENDING: Final = frozenset(
 )
 
 
-class Socks5Server:
+class Socks5Server(BufferedReceiver):
     """The server side of a SOCKS5 handshake, in KumoMTA's BIND-then-CONNECT
     dialect or plain CONNECT.
 
@@ -689,14 +689,8 @@ class Socks5Server:
         """Bytes received and not parsed yet: once ESTABLISHED, the relay payload."""
         return bytes(self._buffer)
 
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the client; ``b""`` means the client closed (EOF)."""
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            self._fail(LocalProtocolError("received data after EOF"))
-        self._buffer += data
+    def _misuse(self, message: str) -> NoReturn:
+        self._fail(LocalProtocolError(message))
 
     def next_event(self) -> Greeting | Credentials | Request | NeedData:
         """Parse the next client message, or return ``NEED_DATA``.
@@ -859,7 +853,7 @@ _Awaited = _AwaitMethod | _AwaitAuth | _AwaitReply
 _CLIENT_METHODS: Final = frozenset({Method.NO_AUTH, Method.USERNAME_PASSWORD})
 
 
-class Socks5Client:
+class Socks5Client(BufferedReceiver):
     """The client side of a SOCKS5 handshake; may pipeline.
 
     :meth:`send` may be called several times before any answer arrives, e.g.
@@ -967,14 +961,8 @@ class Socks5Client:
             return Method(offered.pop())
         return None
 
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the server; ``b""`` means the server closed (EOF)."""
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            self._fail(LocalProtocolError("received data after EOF"))
-        self._buffer += data
+    def _misuse(self, message: str) -> NoReturn:
+        self._fail(LocalProtocolError(message))
 
     def next_event(self) -> MethodSelection | AuthResult | ReplyEvent | NeedData:
         """Parse the next answer owed to us, or return ``NEED_DATA``.

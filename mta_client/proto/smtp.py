@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, NoReturn, assert_never
 
-from kumoproxy.proto.common import NEED_DATA, NeedData
+from kumoproxy.proto.common import NEED_DATA, BufferedReceiver, NeedData
 from mta_client.errors import (
     ConnectionLostError,
     LocalProtocolError,
@@ -727,7 +727,7 @@ def _input_for(command: ClientCommand) -> _Input:
             assert_never(command)
 
 
-class SmtpClient:
+class SmtpClient(BufferedReceiver):
     """The client side of one SMTP session; may pipeline.
 
     Starts owing the greeting. :meth:`send` refuses (LocalProtocolError,
@@ -901,14 +901,8 @@ class SmtpClient:
 
     # -- receiving ----------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes from the server; ``b""`` means the server closed (EOF)."""
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            self._fail(LocalProtocolError("received data after EOF"))
-        self._buffer += data
+    def _misuse(self, message: str) -> NoReturn:
+        self._fail(LocalProtocolError(message))
 
     def next_event(self) -> ServerReply | NeedData:
         """The next reply owed to us, or ``NEED_DATA``.
