@@ -167,6 +167,9 @@ def _fmt(host: object, port: int) -> str:
 
 
 def cmd_serve(config: Config, path: Path | None) -> int:
+    # systemd may send SIGHUP (reload) before trio's handler is installed; the
+    # default action would kill us. Ignore it until the real handler takes over.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(config.log)
     raise_file_limit()
     try:

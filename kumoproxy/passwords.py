@@ -28,6 +28,8 @@ DEFAULT_LOG2_N = 17
 DEFAULT_R = 8
 DEFAULT_P = 1
 SALT_BYTES = 16
+#: Password checks running at once (each holds scrypt's 128 MiB).
+VERIFY_CONCURRENCY = 4
 KEY_BYTES = 32
 #: Refuse hashes whose cost would take the host down (a hostile or mistyped
 #: config): scrypt needs 128 * r * n bytes per check.
@@ -102,8 +104,11 @@ def verify_password(password: bytes, encoded: str) -> bool:
 class PasswordVerifier:
     """Verifies off the event loop and remembers successes for this process."""
 
-    def __init__(self, *, cache_size: int = 4096) -> None:
+    def __init__(self, *, cache_size: int = 4096, concurrency: int = VERIFY_CONCURRENCY) -> None:
         self._key = os.urandom(32)
+        # Each check holds 128 MiB: trio's default of 40 threads would let a
+        # login burst take ~5 GiB. Extra checks queue instead.
+        self._limiter = trio.CapacityLimiter(concurrency)
         self._good: dict[bytes, None] = {}
         self._cache_size = cache_size
 
@@ -121,7 +126,9 @@ class PasswordVerifier:
         if token in self._good:
             return True
         # scrypt is deliberately slow; a worker thread keeps every relay moving.
-        ok = await trio.to_thread.run_sync(verify_password, password, encoded)
+        ok = await trio.to_thread.run_sync(
+            verify_password, password, encoded, limiter=self._limiter
+        )
         if ok:
             if len(self._good) >= self._cache_size:
                 self._good.pop(next(iter(self._good)))

@@ -44,6 +44,9 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 ACCEPT_BACKOFF_INITIAL = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
 
+#: The ``end`` of a relayed session cut because the drain time ran out.
+DRAIN_END = "drain"
+
 #: Listen backlog: the kernel caps it at net.core.somaxconn anyway.
 LISTEN_BACKLOG = 4096
 
@@ -173,7 +176,8 @@ class Service:
         limits, timeouts, certificates. Raises (and changes nothing) if a
         certificate cannot be loaded. Returns what could not be applied.
         """
-        tls_contexts = _tls_contexts(config)  # may raise: nothing is swapped yet
+        _check_tls_unchanged(self.config, config)  # may raise: nothing is swapped yet
+        tls_contexts = _tls_contexts(config)  # may raise too
         ignored = []
         old = {(li.listen, li.protocol) for li in self.config.listeners}
         new = {(li.listen, li.protocol) for li in config.listeners}
@@ -334,6 +338,8 @@ class Service:
                 await run_proxy(ctx, record, stream, over_limit=over_limit)
         except trio.Cancelled:
             record.detail = "closed at shutdown (drain time over)"
+            if record.outcome is Outcome.OK:
+                record.reason = DRAIN_END  # so the end says why, not just "ok"
             raise
         except Exception as exc:  # a bug: log it, keep the service up
             record.detail = f"internal error: {exc!r}"
@@ -380,6 +386,25 @@ SOURCE_RESULTS = {
     Outcome.CONNECT_FAILED: "connect_failed",
     Outcome.TIMEOUT: "timeout",
 }
+
+
+class ReloadError(KumoproxyError):
+    """A new configuration cannot be applied without a restart."""
+
+
+def _check_tls_unchanged(old: Config, new: Config) -> None:
+    """Adding or removing TLS on a live listener needs a restart.
+
+    Applying it in place would, for a removal, silently turn a TLS listener
+    into cleartext SOCKS5 carrying passwords: refuse the whole reload.
+    """
+    was = {li.listen: li.tls is not None for li in old.listeners}
+    for li in new.listeners:
+        if li.listen in was and was[li.listen] != (li.tls is not None):
+            change = "adds" if li.tls is not None else "removes"
+            raise ReloadError(
+                f"listeners {li.listen}: the new config {change} TLS; restart to apply"
+            )
 
 
 def _tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:

@@ -30,7 +30,7 @@ from kumoproxy.limits import LimitKind
 from kumoproxy.metrics import Metrics
 from kumoproxy.policy import RefusalReason
 from kumoproxy.relay import Direction, RelayEnd
-from kumoproxy.server import ACCEPT_CAPACITY_ERRNOS, LISTEN_BACKLOG, SOURCE_RESULTS
+from kumoproxy.server import ACCEPT_CAPACITY_ERRNOS, DRAIN_END, LISTEN_BACKLOG, SOURCE_RESULTS
 from kumoproxy.session import SESSION_LIFETIME_END, Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def exported_metrics() -> dict[str, Exported]:
 
 #: The bounded values a label can take, where the code names them: (metric, label) -> values.
 SESSION_ENDS = frozenset(
-    {str(e) for e in RelayEnd} | {SESSION_LIFETIME_END} | {str(o) for o in Outcome}
+    {str(e) for e in RelayEnd} | {SESSION_LIFETIME_END, DRAIN_END} | {str(o) for o in Outcome}
 )
 _REFUSAL_REASONS = frozenset(str(r) for r in RefusalReason)
 LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {

@@ -432,6 +432,7 @@ async def test_drain_timeout_closes_sessions_that_do_not_finish(
         record = await svc.next_record()
     assert 30 <= closed_after <= 31
     assert record.detail == "closed at shutdown (drain time over)"
+    assert record.end == "drain"
 
 
 BASE_NO_DESTINATIONS = """

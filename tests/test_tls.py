@@ -16,6 +16,7 @@ import trio
 import trustme
 
 from kumoproxy.proto import socks5
+from kumoproxy.server import ReloadError
 from kumoproxy.session import Outcome
 from tests.netkit import (
     connect,
@@ -219,3 +220,20 @@ async def test_reload_swaps_the_certificate_for_new_sessions(tmp_path: Path) -> 
         after_new = await handshake(address, trusting(new_ca))
         after_old = await handshake(address, trusting(old_ca))
     assert (before, after_new, after_old) == (True, True, False)
+
+
+async def test_reload_that_removes_tls_from_a_listener_is_refused(pki: Pki) -> None:
+    """Applied in place, it would turn the TLS listener into cleartext SOCKS5."""
+    config = make_config(base=tls_config(pki))
+    plain = make_config(
+        base='\nlisteners:\n  - listen: "127.0.0.1:0"\n    protocol: socks5\n'
+        "sources: [127.0.0.2]\nclients:\n  allow: [127.0.0.0/8]\n"
+    )
+    async with running_service(config) as svc:
+        with pytest.raises(ReloadError, match="removes TLS; restart to apply"):
+            svc.service.reload(plain)
+        assert svc.service.config is config  # nothing was swapped
+        raw = await connect(svc.address("socks5"))
+        stream = trio.SSLStream(raw, pki.client_context(pki.client_ca), server_hostname="localhost")
+        async with stream:
+            await stream.do_handshake()  # still TLS
