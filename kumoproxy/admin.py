@@ -71,7 +71,9 @@ class AdminState:
 
     ready: bool  # /readyz 200 when True, else 503
     reason: str  # why not ready (e.g. "draining", "starting"); "" when ready
-    sources: list[dict[str, object]]  # /sources body (JSON array), built by the service
+    #: Builds the /sources body (a JSON array). Called only for /sources: it
+    #: may probe every source IP, which a frequent /readyz must not pay for.
+    sources: Callable[[], list[dict[str, object]]]
 
 
 #: Called once per /readyz or /sources request.
@@ -121,7 +123,7 @@ def route(
                 return _text(200, "ready\n")
             return _text(503, f"not ready: {current.reason or 'unknown'}\n")
         case b"/sources":
-            return Reply(200, JSON, json.dumps(state().sources).encode())
+            return Reply(200, JSON, json.dumps(state().sources()).encode())
         case _:  # pragma: no cover - ROUTES and this match are edited together
             raise AssertionError(f"route {path!r} has no handler")
 

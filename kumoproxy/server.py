@@ -192,13 +192,17 @@ class Service:
         return ignored
 
     def admin_state(self) -> AdminState:
-        """What /readyz and /sources report right now."""
+        """What /readyz reports right now; /sources is built only when asked."""
         if self.draining:
             ready, reason = False, "draining"
         elif not self.listening:
             ready, reason = False, "starting"
         else:
             ready, reason = True, ""
+        return AdminState(ready, reason, self.sources_report)
+
+    def sources_report(self) -> list[dict[str, object]]:
+        """/sources: per source IP, bindable now (a probe each), active, totals."""
         sources: list[dict[str, object]] = []
         for source in self.config.sorted_sources():
             problem = egress.probe_source(source)
@@ -211,7 +215,7 @@ class Service:
                     "totals": dict(self._source_totals.get(source, {})),
                 }
             )
-        return AdminState(ready, reason, sources)
+        return sources
 
     # -- running -----------------------------------------------------------
 

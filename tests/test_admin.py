@@ -27,10 +27,11 @@ from kumoproxy.admin import (
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
     AdminState,
+    route,
     serve_admin,
 )
 
-READY = AdminState(ready=True, reason="", sources=[])
+READY = AdminState(ready=True, reason="", sources=list)
 TEXT = "text/plain; charset=utf-8"
 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
@@ -191,7 +192,7 @@ async def test_readyz_follows_the_state_provider_on_every_request(admin: Admin) 
     assert (ready.status_line, ready.body) == ("HTTP/1.1 200 OK", b"ready\n")
     assert ready.headers["content-type"] == TEXT
 
-    admin.service.current = AdminState(ready=False, reason="draining", sources=[])
+    admin.service.current = AdminState(ready=False, reason="draining", sources=list)
     draining = await fetch(admin, "GET", "/readyz")
     assert draining.status_line == "HTTP/1.1 503 Service Unavailable"
     assert draining.body == b"not ready: draining\n"
@@ -208,7 +209,7 @@ async def test_sources_is_the_services_json(admin: Admin) -> None:
         {"source": "192.0.2.10", "bindable": True, "active": 2, "total": 40},
         {"source": "2001:db8::1", "bindable": False, "active": 0, "total": 0},
     ]
-    admin.service.current = AdminState(ready=True, reason="", sources=sources)
+    admin.service.current = AdminState(ready=True, reason="", sources=lambda: sources)
     response = await fetch(admin, "GET", "/sources")
     assert response.status_line == "HTTP/1.1 200 OK"
     assert response.headers["content-type"] == "application/json"
@@ -522,7 +523,7 @@ async def test_curl_sees_readyz_flip(admin: Admin) -> None:
         "HTTP/1.1 200 OK",
         "ready\n",
     )
-    admin.service.current = AdminState(ready=False, reason="starting", sources=[])
+    admin.service.current = AdminState(ready=False, reason="starting", sources=list)
     assert split_response(await curl("-i", admin.url("/readyz")))[::2] == (
         "HTTP/1.1 503 Service Unavailable",
         "not ready: starting\n",
@@ -540,3 +541,21 @@ async def test_curl_head_and_keep_alive(admin: Admin) -> None:
         admin.url("/healthz"), admin.url("/metrics"),
     )  # fmt: skip
     assert written.splitlines() == ["200 1", "200 0"]
+
+
+def test_readyz_never_builds_the_sources_report() -> None:
+    """The report probes every source IP: a frequent readiness probe must not pay for it."""
+    built: list[int] = []
+
+    def report() -> list[dict[str, object]]:
+        built.append(1)
+        return [{"source": "127.0.0.2"}]
+
+    def state() -> AdminState:
+        return AdminState(ready=True, reason="", sources=report)
+
+    registry = prometheus_client.CollectorRegistry()
+    ready = route(b"GET", b"/readyz", registry=registry, state=state)
+    assert (ready.status, built) == (200, [])
+    sources = route(b"GET", b"/sources", registry=registry, state=state)
+    assert (sources.status, sources.body, built) == (200, b'[{"source": "127.0.0.2"}]', [1])
