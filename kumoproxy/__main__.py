@@ -32,6 +32,7 @@ from kumoproxy.errors import KumoproxyError
 from kumoproxy.logs import configure_logging
 from kumoproxy.passwords import hash_password
 from kumoproxy.server import Bound, Service, open_listeners
+from kumoproxy.tls import TlsSetupError, server_context
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -73,6 +74,18 @@ def cmd_check_config(path: Path) -> int:
     except ConfigErrors as exc:
         for error in exc.errors:
             print(f"{path}: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    # Load certificates as serve and reload would: systemd runs check-config
+    # before both, so an unreadable key must fail here, not after.
+    tls_errors = []
+    for index, listener in enumerate(config.listeners):
+        if listener.tls is not None:
+            try:
+                server_context(listener.tls)
+            except TlsSetupError as exc:
+                tls_errors.append(f"{path}: listeners[{index}].tls: {exc}")
+    if tls_errors:
+        print("\n".join(tls_errors), file=sys.stderr)
         return EXIT_ERROR
     yaml.safe_dump(config_to_data(config), sys.stdout, sort_keys=False)
     return EXIT_OK

@@ -640,3 +640,28 @@ def test_serve_second_stop_signal_closes_sessions_without_waiting_for_drain(
 
             assert proc.wait(timeout=STOP_TIMEOUT) == 0
         assert "Traceback" not in reader.rest()
+
+
+def test_check_config_loads_tls_files_like_serve_does(tmp_path: Path) -> None:
+    """systemd runs check-config before start and reload: a bad key must fail it."""
+    cert = tmp_path / "cert.pem"
+    trustme.CA().issue_cert("localhost").cert_chain_pems[0].write_to_path(str(cert))
+    config = write(
+        tmp_path / "kumoproxy.yaml",
+        f"""\
+        listeners:
+          - listen: "127.0.0.1:0"
+            protocol: socks5
+            tls:
+              certificate: {cert}
+              private_key: {tmp_path / "missing-key.pem"}
+        sources: [127.0.0.2]
+        clients:
+          allow: [127.0.0.0/8]
+        """,
+    )
+    result = run("check-config", str(config))
+    assert result.returncode == 1
+    assert "listeners[0].tls: cannot load certificate" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
