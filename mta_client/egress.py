@@ -58,10 +58,10 @@ from kumoproxy.errors import RemoteProtocolError as ProxyProtocolViolation
 from kumoproxy.proto import proxy_protocol, socks5
 from mta_client.errors import (
     DestinationError,
-    EgressError,
     ProxyUnreachableError,
     SourceRefusedError,
 )
+from mta_client.errors import ProxyAuthError as ProxyAuthError
 
 __all__ = [
     "EgressConnection",
@@ -95,14 +95,6 @@ _REPLY_BY_ERRNO: Final = {
 }
 
 _PROTOCOLS: Final = ("socks5", "proxy")
-
-
-class ProxyAuthError(EgressError):
-    """The proxy refused our credentials, or wants credentials we did not offer.
-
-    A problem with the proxy account, not with the source or the destination:
-    no other source or MX will fare better on this proxy.
-    """
 
 
 @dataclass(frozen=True, slots=True)

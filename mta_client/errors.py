@@ -12,7 +12,9 @@ Protocol errors split into local (our misuse of a state machine) and remote
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Final
 
 
 class MtaClientError(Exception):
@@ -116,3 +118,77 @@ class DestinationError(EgressError):
     def __init__(self, message: str, *, reply: int | None = None) -> None:
         super().__init__(message)
         self.reply = reply
+
+
+class ProxyAuthError(EgressError):
+    """The proxy refused our credentials, or wants credentials we did not offer.
+
+    A problem with the proxy account, not with the source or the destination:
+    no other source or MX will fare better on this proxy.
+    """
+
+
+class TlsRequiredError(TransientSmtpError):
+    """TLS was required and cannot be had on this connection: defer the message.
+
+    STARTTLS was not advertised, was refused, or its handshake failed.
+    ``reply`` is a synthetic ``454 4.7.4`` (RFC 3207's "TLS not available",
+    RFC 3463's "security features not supported") whose text is ``reason``;
+    ``server_reply`` is the server's refusal of STARTTLS, if that was the cause.
+    """
+
+    def __init__(self, reason: str, *, server_reply: SmtpReply | None = None) -> None:
+        super().__init__(SmtpReply(454, (reason,), "4.7.4"), phase="STARTTLS")
+        self.reason = reason
+        self.server_reply = server_reply
+
+
+class TlsHandshakeError(ConnectionLostError):
+    """The TLS handshake after STARTTLS's 220 failed in opportunistic mode.
+
+    The connection is unusable (the server is waiting for TLS). A caller may
+    retry on a new connection with :attr:`TlsMode.DISABLED` for this host, as
+    MTAs commonly do for opportunistic TLS.
+    """
+
+
+class MxFailure(enum.Enum):
+    """Why a domain could not be resolved; values are stable metric labels."""
+
+    INVALID_DOMAIN = "invalid_domain"
+    NXDOMAIN = "nxdomain"
+    NULL_MX = "null_mx"
+    NO_ADDRESS = "no_address"
+    SERVFAIL = "servfail"
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"
+
+
+MX_FAILURE_DESCRIPTIONS: Final = {
+    MxFailure.INVALID_DOMAIN: "invalid domain name",
+    MxFailure.NXDOMAIN: "NXDOMAIN, the domain does not exist",
+    MxFailure.NULL_MX: "null MX, the domain does not accept mail (RFC 7505)",
+    MxFailure.NO_ADDRESS: "no address for any mail exchanger",
+    MxFailure.SERVFAIL: "SERVFAIL, the nameserver failed",
+    MxFailure.TIMEOUT: "timeout, no answer from the nameservers",
+    MxFailure.UNREACHABLE: "no nameserver reachable",
+}
+
+
+class MxError(MtaClientError):
+    """The domain could not be turned into addresses to deliver to."""
+
+    def __init__(self, domain: str, reason: MxFailure, detail: str = "") -> None:
+        self.domain = domain
+        self.reason = reason
+        self.detail = detail
+        suffix = f" [{detail}]" if detail else ""
+        super().__init__(f"{domain}: {MX_FAILURE_DESCRIPTIONS[reason]}{suffix}")
+
+
+class MxPermanentError(MxError):
+    """The domain cannot receive mail as published: bounce (NXDOMAIN, null MX, no address)."""
+
+
+class MxTemporaryError(MxError):
+    """DNS failed for now (SERVFAIL, timeout, no nameserver reachable): retry later."""

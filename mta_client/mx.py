@@ -38,7 +38,6 @@ about twice ``timeout``.
 
 from __future__ import annotations
 
-import enum
 import random
 import re
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
@@ -58,7 +57,10 @@ import dns.resolver
 import dns.rrset
 import trio
 
-from mta_client.errors import MtaClientError
+from mta_client.errors import MxError as MxError
+from mta_client.errors import MxFailure as MxFailure
+from mta_client.errors import MxPermanentError as MxPermanentError
+from mta_client.errors import MxTemporaryError as MxTemporaryError
 
 __all__ = [
     "ALL_FAMILIES",
@@ -99,48 +101,6 @@ _PORT: Final = re.compile(r"[0-9]{1,5}")
 # Per attempt to one nameserver, before dnspython retries (its own default);
 # the whole lookup is bounded by the resolver's ``timeout``.
 _ATTEMPT_TIMEOUT: Final = 2.0
-
-
-class MxFailure(enum.Enum):
-    """Why a domain could not be resolved; values are stable metric labels."""
-
-    INVALID_DOMAIN = "invalid_domain"
-    NXDOMAIN = "nxdomain"
-    NULL_MX = "null_mx"
-    NO_ADDRESS = "no_address"
-    SERVFAIL = "servfail"
-    TIMEOUT = "timeout"
-    UNREACHABLE = "unreachable"
-
-
-_DESCRIPTIONS: Final = {
-    MxFailure.INVALID_DOMAIN: "invalid domain name",
-    MxFailure.NXDOMAIN: "NXDOMAIN, the domain does not exist",
-    MxFailure.NULL_MX: "null MX, the domain does not accept mail (RFC 7505)",
-    MxFailure.NO_ADDRESS: "no address for any mail exchanger",
-    MxFailure.SERVFAIL: "SERVFAIL, the nameserver failed",
-    MxFailure.TIMEOUT: "timeout, no answer from the nameservers",
-    MxFailure.UNREACHABLE: "no nameserver reachable",
-}
-
-
-class MxError(MtaClientError):
-    """The domain could not be turned into addresses to deliver to."""
-
-    def __init__(self, domain: str, reason: MxFailure, detail: str = "") -> None:
-        self.domain = domain
-        self.reason = reason
-        self.detail = detail
-        suffix = f" [{detail}]" if detail else ""
-        super().__init__(f"{domain}: {_DESCRIPTIONS[reason]}{suffix}")
-
-
-class MxPermanentError(MxError):
-    """The domain cannot receive mail as published: bounce (NXDOMAIN, null MX, no address)."""
-
-
-class MxTemporaryError(MxError):
-    """DNS failed for now (SERVFAIL, timeout, no nameserver reachable): retry later."""
 
 
 @dataclass(frozen=True, slots=True)

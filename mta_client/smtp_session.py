@@ -72,6 +72,8 @@ from mta_client.errors import (
     SmtpTimeoutError,
     TransientSmtpError,
 )
+from mta_client.errors import TlsHandshakeError as TlsHandshakeError
+from mta_client.errors import TlsRequiredError as TlsRequiredError
 from mta_client.proto.message import TERMINATOR, prepare_data
 from mta_client.proto.smtp import (
     DATA_BLOCK_TIMEOUT,
@@ -135,30 +137,6 @@ class TlsMode(enum.StrEnum):
     """Use it or defer (:class:`TlsRequiredError`)."""
     DISABLED = "disabled"
     """Never use it."""
-
-
-class TlsRequiredError(TransientSmtpError):
-    """TLS was required and cannot be had on this connection: defer the message.
-
-    STARTTLS was not advertised, was refused, or its handshake failed.
-    ``reply`` is a synthetic ``454 4.7.4`` (RFC 3207's "TLS not available",
-    RFC 3463's "security features not supported") whose text is ``reason``;
-    ``server_reply`` is the server's refusal of STARTTLS, if that was the cause.
-    """
-
-    def __init__(self, reason: str, *, server_reply: SmtpReply | None = None) -> None:
-        super().__init__(SmtpReply(454, (reason,), "4.7.4"), phase=Command.STARTTLS.value)
-        self.reason = reason
-        self.server_reply = server_reply
-
-
-class TlsHandshakeError(ConnectionLostError):
-    """The TLS handshake after STARTTLS's 220 failed in opportunistic mode.
-
-    The connection is unusable (the server is waiting for TLS). A caller may
-    retry on a new connection with :attr:`TlsMode.DISABLED` for this host, as
-    MTAs commonly do for opportunistic TLS.
-    """
 
 
 @dataclass(frozen=True, slots=True)
