@@ -163,6 +163,8 @@ async def _reload(
         log.error("reload refused, old config stays", errors=[str(e) for e in errors])
         return
     log.info("reloaded", config=config.origin, not_applied=ignored, sources=len(config.sources))
+    # Last, so the line above still goes out in the old format and level.
+    configure_logging(config.log)
 
 
 def raise_file_limit() -> tuple[int, int]:

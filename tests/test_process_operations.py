@@ -202,3 +202,26 @@ async def test_accept_survives_emfile_and_serves_again_when_descriptors_free(
     assert accept_errors >= 1
     # Logged once per burst, not once per failed accept.
     assert [line["event"] for line in proxy.lines].count("accept failing, backing off") == 1
+
+
+async def test_sighup_applies_the_new_log_level(tmp_path: Path) -> None:
+    text = config_text(["127.0.0.2"], ["keep"])
+    async with serve_process(text, tmp_path) as proxy, target_server() as target:
+        first, *_ = await authed_session(proxy, "keep", "127.0.0.2", target.address)
+        await first.aclose()
+        before = await proxy.next_event("session")  # info: an ok session is logged
+        quiet = text.replace("timeouts:", "log:\n  level: warning\ntimeouts:")
+        (tmp_path / "kumoproxy.yaml").write_text(quiet)
+        proxy.signal(signal.SIGHUP)
+        await proxy.next_event("reloaded")
+        ok, ok_client, _ = await authed_session(proxy, "keep", "127.0.0.2", target.address)
+        await ok.send_eof()  # end it cleanly before the next one starts, so had it
+        await read_to_eof(ok, ok_client.trailing_data)  # been logged, it would come first
+        await ok.aclose()
+        refused, *_ = await authed_session(proxy, "gone", "127.0.0.2", target.address)
+        await refused.aclose()
+        after = await proxy.next_event("session")  # the next line logged at all
+    assert before["outcome"] == "ok"
+    # The ok session (info) is no longer logged; the refusal (warning) is.
+    assert after["outcome"] == "refused"
+    assert after["user"] == "gone"
