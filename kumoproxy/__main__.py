@@ -31,6 +31,7 @@ from kumoproxy.config import (
 from kumoproxy.errors import KumoproxyError
 from kumoproxy.logs import configure_logging
 from kumoproxy.passwords import hash_password
+from kumoproxy.proto.common import format_endpoint
 from kumoproxy.server import Bound, Service, open_listeners
 from kumoproxy.tls import TlsSetupError, server_context
 
@@ -134,8 +135,10 @@ async def _serve(config: Config, path: Path | None) -> None:
                 "listening",
                 version=__version__,
                 config=config.origin,
-                listeners=[f"{b.config.protocol}://{_fmt(*b.address)}" for b in bound.listeners],
-                admin=f"http://{_fmt(*admin)}" if admin is not None else None,
+                listeners=[
+                    f"{b.config.protocol}://{format_endpoint(*b.address)}" for b in bound.listeners
+                ],
+                admin=f"http://{format_endpoint(*admin)}" if admin is not None else None,
                 sources=len(config.sources),
                 nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             )
@@ -174,11 +177,6 @@ def raise_file_limit() -> tuple[int, int]:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def _fmt(host: object, port: int) -> str:
-    text = str(host)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
 def cmd_serve(config: Config, path: Path | None) -> int:

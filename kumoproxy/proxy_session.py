@@ -13,6 +13,7 @@ import trio
 from kumoproxy.errors import EgressError, RemoteProtocolError
 from kumoproxy.policy import Refusal, RefusalReason, select_source
 from kumoproxy.proto import proxy_protocol
+from kumoproxy.proto.common import format_endpoint
 from kumoproxy.session import (
     HANDSHAKE_READ_SIZE,
     Outcome,
@@ -20,7 +21,6 @@ from kumoproxy.session import (
     SessionContext,
     SessionRecord,
     egress_failed,
-    format_endpoint,
     handshake_phase,
     open_upstream,
     refuse,

@@ -32,6 +32,7 @@ from kumoproxy.limits import LimitTracker
 from kumoproxy.metrics import Metrics
 from kumoproxy.passwords import PasswordVerifier
 from kumoproxy.policy import RefusalReason, check_client, unmap
+from kumoproxy.proto.common import format_endpoint
 from kumoproxy.proxy_session import run_proxy
 from kumoproxy.session import Outcome, SessionContext, SessionRecord, limit_refusal, refuse
 from kumoproxy.socks5_session import run_socks5
@@ -314,7 +315,7 @@ class Service:
             session_id=secrets.token_hex(8),
             listener=listener.listen,
             protocol=listener.protocol,
-            client=f"[{peer}]:{peer_port}" if peer.version == 6 else f"{peer}:{peer_port}",
+            client=format_endpoint(peer, peer_port),
             started_at=trio.current_time(),
             client_ip=peer,
         )

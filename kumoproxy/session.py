@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import ipaddress
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -46,6 +45,7 @@ from kumoproxy.policy import (
     family_matches,
 )
 from kumoproxy.proto import socks5
+from kumoproxy.proto.common import format_endpoint
 from kumoproxy.relay import Direction, RelayEnd, relay
 from kumoproxy.throttle import AuthThrottle
 
@@ -152,10 +152,6 @@ def source_label(record: SessionRecord) -> str:
 
 class Refused(Exception):
     """Internal: stop the session with a refusal already recorded."""
-
-
-def format_endpoint(host: IPAddress | str, port: int) -> str:
-    return f"[{host}]:{port}" if isinstance(host, ipaddress.IPv6Address) else f"{host}:{port}"
 
 
 def refuse(record: SessionRecord, refusal: Refusal) -> Refused:

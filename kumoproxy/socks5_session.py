@@ -19,6 +19,7 @@ from kumoproxy.config import Config, IPAddress, UserConfig
 from kumoproxy.errors import EgressError, RemoteProtocolError
 from kumoproxy.policy import Refusal, RefusalReason, select_source
 from kumoproxy.proto import socks5
+from kumoproxy.proto.common import format_endpoint
 from kumoproxy.session import (
     HANDSHAKE_READ_SIZE,
     REFUSAL_WRITE_TIMEOUT,
@@ -27,7 +28,6 @@ from kumoproxy.session import (
     SessionContext,
     SessionRecord,
     egress_failed,
-    format_endpoint,
     handshake_phase,
     open_upstream,
     refuse,

@@ -56,6 +56,7 @@ import trio
 
 from kumoproxy.errors import RemoteProtocolError as ProxyProtocolViolation
 from kumoproxy.proto import proxy_protocol, socks5
+from kumoproxy.proto.common import format_endpoint
 from mta_client.errors import (
     DestinationError,
     ProxyUnreachableError,
@@ -199,11 +200,6 @@ def _check_destination(source: IPAddress, destination: tuple[IPAddress, int]) ->
         raise DestinationError(f"destination port {port} is not in 1..65535")
 
 
-def _format(host: str | IPAddress, port: int) -> str:
-    text = str(host)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
-
-
 def _os_reason(exc: OSError) -> str:
     """The most specific text for a connect failure (trio wraps one per attempt)."""
     cause = exc.__cause__
@@ -244,7 +240,7 @@ async def _open_direct(
         try:
             await sock.connect((str(host), port))
         except OSError as exc:
-            where = f"{source} -> {_format(host, port)}"
+            where = f"{source} -> {format_endpoint(host, port)}"
             if exc.errno == errno.EADDRNOTAVAIL:
                 # Bind deferred the port to connect (IP_BIND_ADDRESS_NO_PORT): here
                 # EADDRNOTAVAIL means every local port to this (dst, dport) is taken.
@@ -276,7 +272,7 @@ async def _connect_proxy(proxy: tuple[str, int], tls: ProxyTls | None) -> trio.a
         raw = await trio.open_tcp_stream(host, port)
     except OSError as exc:
         raise ProxyUnreachableError(
-            f"cannot connect to proxy {_format(host, port)}: {_os_reason(exc)}"
+            f"cannot connect to proxy {format_endpoint(host, port)}: {_os_reason(exc)}"
         ) from exc
     if tls is None:
         return raw
@@ -288,7 +284,7 @@ async def _connect_proxy(proxy: tuple[str, int], tls: ProxyTls | None) -> trio.a
         await trio.aclose_forcefully(stream)
         reason = exc.__cause__ or exc
         raise ProxyUnreachableError(
-            f"TLS handshake with proxy {_format(host, port)} failed: {reason}"
+            f"TLS handshake with proxy {format_endpoint(host, port)} failed: {reason}"
         ) from exc
     except BaseException:
         await trio.aclose_forcefully(stream)
@@ -336,8 +332,8 @@ async def _negotiate_socks5(
     destination: tuple[IPAddress, int],
 ) -> tuple[tuple[IPAddress, int], bytes]:
     """Send the pipeline, read the answers in order; returns (BND, early bytes)."""
-    where = f"proxy {_format(*proxy)}"
-    route = f"{path.source} -> {_format(*destination)}"
+    where = f"proxy {format_endpoint(*proxy)}"
+    route = f"{path.source} -> {format_endpoint(*destination)}"
     client, data = _socks5_pipeline(path, destination)
     bind_answered = False
     eof = False
@@ -425,7 +421,7 @@ async def _open_proxy_protocol(
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(stream)
         raise ProxyUnreachableError(
-            f"connection to proxy {_format(*proxy)} lost sending the PROXY header: "
+            f"connection to proxy {format_endpoint(*proxy)} lost sending the PROXY header: "
             f"{exc.__cause__ or exc}"
         ) from exc
     except BaseException:

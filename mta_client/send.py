@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import trio
 
+from kumoproxy.proto.common import format_endpoint
 from mta_client.config import ClientConfig, PoolEntry
 from mta_client.egress import EgressPath, ProxyAuthError, open_egress
 from mta_client.errors import (
@@ -215,7 +216,7 @@ class Sender:
         with trio.fail_after(CONNECT_TIMEOUT):
             connection = await open_egress(path, (candidate.address, candidate.port))
         local_ip, local_port = connection.local
-        used = f"[{local_ip}]:{local_port}" if local_ip.version == 6 else f"{local_ip}:{local_port}"
+        used = format_endpoint(local_ip, local_port)
         try:
             session = await SmtpSession.start(
                 connection.stream,

@@ -56,3 +56,12 @@ class BufferedReceiver:
         if self._eof:
             self._misuse("received data after EOF")
         self._buffer += data
+
+
+def format_endpoint(host: object, port: int) -> str:
+    """``ip:port`` as logs and messages write it; IPv6 in brackets (``[::1]:25``).
+
+    ``host`` is an address or a name; only an IPv6 address contains ``:``.
+    """
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
