@@ -25,7 +25,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from kumoproxy.errors import ConfigError
 from kumoproxy.passwords import PasswordHashError, check_hash_format
 from kumoproxy.yamlconfig import (
     V4_MAPPED,
@@ -44,6 +43,7 @@ from kumoproxy.yamlconfig import (
     parse_network,
     parse_port,
     parse_positive_int,
+    read_config_file,
     read_section,
 )
 
@@ -501,12 +501,7 @@ def parse_config(text: str, *, origin: str = "<string>", embedded: bool = False)
 
 def load_config(path: Path) -> Config:
     """Read and validate a config file. Raises :class:`ConfigErrors`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigErrors([ConfigError("", f"cannot read {path}: {reason}")]) from exc
-    return parse_config(text, origin=str(path))
+    return parse_config(read_config_file(path), origin=str(path))
 
 
 def embedded_default_text() -> str:

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kumoproxy.errors import ConfigError
 from kumoproxy.yamlconfig import (
     ConfigErrors,
     IPAddress,
@@ -44,6 +43,7 @@ from kumoproxy.yamlconfig import (
     parse_host_port,
     parse_port,
     parse_positive_int,
+    read_config_file,
 )
 
 Protocol = Literal["socks5", "proxy"]
@@ -200,9 +200,5 @@ def parse_client_config(text: str, *, origin: str = "<string>") -> ClientConfig:
 
 
 def load_client_config(path: Path) -> ClientConfig:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigErrors([ConfigError("", f"cannot read {path}: {reason}")]) from exc
-    return parse_client_config(text, origin=str(path))
+    """Read and validate a config file. Raises :class:`ConfigErrors`."""
+    return parse_client_config(read_config_file(path), origin=str(path))
