@@ -155,6 +155,7 @@ class Refused(Exception):
 
 
 def refuse(record: SessionRecord, refusal: Refusal) -> Refused:
+    """Record ``refusal``; returns the exception that ends the session (raise it)."""
     record.outcome = Outcome.REFUSED
     record.reason = str(refusal.reason)
     record.detail = refusal.detail
@@ -162,11 +163,11 @@ def refuse(record: SessionRecord, refusal: Refusal) -> Refused:
     return Refused(refusal.detail)
 
 
-def egress_failed(record: SessionRecord, exc: EgressError) -> Refused:
+def egress_failed(record: SessionRecord, exc: EgressError) -> None:
+    """Record why the outbound connection failed (the session is already ending)."""
     record.outcome = Outcome(exc.result)
     record.reply = exc.reply
     record.detail = str(exc)
-    return Refused(str(exc))
 
 
 async def send_then_close_quietly(stream: trio.abc.Stream, data: bytes) -> None:
