@@ -23,6 +23,7 @@ from kumoproxy.session import (
     egress_failed,
     handshake_phase,
     open_upstream,
+    protocol_failed,
     refuse,
     relay_session,
 )
@@ -89,9 +90,7 @@ async def run_proxy(
             record.source = format_endpoint(ipaddress.ip_address(local_host), local_port)
             await relay_session(ctx, record, stream, upstream, pipelined)
     except RemoteProtocolError as exc:
-        record.outcome = Outcome.PROTOCOL_ERROR
-        record.reason = str(RefusalReason.PROTOCOL)
-        record.detail = str(exc)
+        protocol_failed(record, exc)
     except EgressError as exc:
         egress_failed(record, exc)
     except Refused:

@@ -32,6 +32,7 @@ from kumoproxy.errors import (
     ConnectFailedError,
     ConnectTimeoutError,
     EgressError,
+    RemoteProtocolError,
     ResolveError,
 )
 from kumoproxy.handshakes import HandshakeTracker
@@ -161,6 +162,13 @@ def refuse(record: SessionRecord, refusal: Refusal) -> Refused:
     record.detail = refusal.detail
     record.reply = refusal.reply
     return Refused(refusal.detail)
+
+
+def protocol_failed(record: SessionRecord, exc: RemoteProtocolError) -> None:
+    """Record that the client broke its protocol (the session is already ending)."""
+    record.outcome = Outcome.PROTOCOL_ERROR
+    record.reason = str(RefusalReason.PROTOCOL)
+    record.detail = str(exc)
 
 
 def egress_failed(record: SessionRecord, exc: EgressError) -> None:

@@ -30,6 +30,7 @@ from kumoproxy.session import (
     egress_failed,
     handshake_phase,
     open_upstream,
+    protocol_failed,
     refuse,
     relay_session,
     send_then_close_quietly,
@@ -228,9 +229,7 @@ async def run_socks5(
                 return
             await relay_session(ctx, record, conn.stream, upstream, conn.machine.trailing_data)
     except RemoteProtocolError as exc:
-        record.outcome = Outcome.PROTOCOL_ERROR
-        record.reason = str(RefusalReason.PROTOCOL)
-        record.detail = str(exc)
+        protocol_failed(record, exc)
         await send_then_close_quietly(conn.stream, exc.answer)
     except EgressError as exc:
         egress_failed(record, exc)
