@@ -27,8 +27,8 @@ MIN_DURATION = 0.001
 MAX_DURATION = 365 * 86400.0
 
 _PARENT = re.compile(r"(\.[^.\[]*|\[\d+\])$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 
 
@@ -193,12 +193,12 @@ def parse_port(value: Any) -> int:
 
 
 def parse_duration(value: Any) -> float:
-    """``10s``, ``5m``, ``250ms``, ``1h``, ``1.5s`` -> seconds."""
+    """``10s``, ``5m``, ``250ms``, ``1h``, ``5d``, ``1.5s`` -> seconds."""
     if not isinstance(value, str):
         raise TypeError("a duration needs a unit")
     match = _DURATION.match(value.strip())
     if match is None:
-        raise ValueError("use a number and one of ms, s, m, h")
+        raise ValueError("use a number and one of ms, s, m, h, d")
     seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if not MIN_DURATION <= seconds <= MAX_DURATION:
         raise ValueError("must be between 1ms and 365 days")

@@ -22,6 +22,24 @@ smtp:
   port: 25
   tls: opportunistic                # opportunistic | required | disabled
   timeouts: {greeting: 5m, mail: 5m, rcpt: 5m, data: 2m, data_block: 3m, data_end: 10m}
+# The spooling sender (mta-client enqueue / run / queue):
+spool:
+  path: /var/spool/mta-client       # required by enqueue, run and queue
+  scan_interval: 1s                 # how often run looks for newly enqueued messages
+  shutdown_timeout: 60s             # SIGTERM: time for in-flight transactions to finish
+retry:
+  initial: 5m                       # first retry after a transient failure
+  max: 4h                           # the doubling interval's cap
+  max_age: 5d                       # then: Expiration record and a bounce
+  jitter: 0.1                       # +-10% on each interval
+events:
+  path: /var/log/mta-client/events.jsonl   # "-" = stdout; absent = no event log
+bounces:
+  enabled: true                     # RFC 3464 reports to the envelope sender
+  reporting_mta: mta1.example.com   # default: this host's name
+  postmaster: postmaster@mta1.example.com
+metrics:
+  listen: "127.0.0.1:9125"          # optional Prometheus /metrics listener
 ```
 """
 
@@ -45,6 +63,8 @@ from kumoproxy.yamlconfig import (
     parse_positive_int,
     read_config_file,
 )
+from mta_client.retry import RetryPolicy
+from mta_client.shaping import RedisConfig, ShapingConfig, parse_redis, parse_shaping
 
 Protocol = Literal["socks5", "proxy"]
 TlsSetting = Literal["opportunistic", "required", "disabled"]
@@ -87,10 +107,35 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: Path | None = None
+    scan_interval: float = 1.0
+    shutdown_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class BounceConfig:
+    enabled: bool = True
+    reporting_mta: str = field(default_factory=socket.gethostname)
+    postmaster: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.postmaster:
+            object.__setattr__(self, "postmaster", f"postmaster@{self.reporting_mta}")
+
+
+@dataclass(frozen=True, slots=True)
 class ClientConfig:
     pool: tuple[PoolEntry, ...]
     dns: DnsConfig = field(default_factory=DnsConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    events_path: Path | None = None
+    bounces: BounceConfig = field(default_factory=BounceConfig)
+    metrics_listen: tuple[IPAddress, int] | None = None
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    redis: RedisConfig | None = None
     origin: str = "<string>"
 
     def entry_for(self, source: IPAddress) -> PoolEntry | None:
@@ -175,11 +220,106 @@ def _smtp(r: Reader, value: Any) -> SmtpConfig:
     return SmtpConfig(port or 25, tls, timeouts)
 
 
-def parse_client_config(text: str, *, origin: str = "<string>") -> ClientConfig:
-    """Parse and validate; raises :class:`ConfigErrors` with every problem."""
+def _spool(r: Reader, value: Any, base: Path) -> SpoolConfig:
+    m = r.mapping(value, "spool", ("path", "scan_interval", "shutdown_timeout"))
+    if not m:
+        return SpoolConfig()
+    path = None
+    if m.get("path") is not None:
+        if not isinstance(m["path"], str) or not m["path"]:
+            r.error("spool.path", "must be a directory path")
+        else:
+            path = base / m["path"]
+    durations = {}
+    for key, default in (("scan_interval", 1.0), ("shutdown_timeout", 60.0)):
+        seconds = r.typed(m.get(key, default), f"spool.{key}", _duration, "a duration")
+        durations[key] = default if seconds is None else seconds
+    return SpoolConfig(path, durations["scan_interval"], durations["shutdown_timeout"])
+
+
+def _duration(value: Any) -> float:
+    """A duration string, or the number a default is given as."""
+    return float(value) if isinstance(value, float) else parse_duration(value)
+
+
+def _retry(r: Reader, value: Any) -> RetryPolicy:
+    m = r.mapping(value, "retry", ("initial", "max", "max_age", "jitter"))
+    if not m:
+        return RetryPolicy()
+    default = RetryPolicy()
+    values: dict[str, float] = {}
+    for key in ("initial", "max", "max_age"):
+        if key in m:
+            seconds = r.typed(m[key], f"retry.{key}", parse_duration, "a duration")
+            if seconds is not None:
+                values[key] = seconds
+    if "jitter" in m:
+        jitter = m["jitter"]
+        if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+            r.error("retry.jitter", f"must be a fraction in [0, 1), got {jitter!r}")
+        else:
+            values["jitter"] = float(jitter)
+    try:
+        return RetryPolicy(
+            initial=values.get("initial", default.initial),
+            max=values.get("max", default.max),
+            max_age=values.get("max_age", default.max_age),
+            jitter=values.get("jitter", default.jitter),
+        )
+    except ValueError as exc:
+        r.error("retry", str(exc))
+        return default
+
+
+def _events(r: Reader, value: Any, base: Path) -> Path | None:
+    m = r.mapping(value, "events", ("path",))
+    if not m or m.get("path") is None:
+        return None
+    text = m["path"]
+    if not isinstance(text, str) or not text:
+        r.error("events.path", 'must be a file path or "-" for stdout')
+        return None
+    return Path("-") if text == "-" else base / text
+
+
+def _bounces(r: Reader, value: Any) -> BounceConfig:
+    m = r.mapping(value, "bounces", ("enabled", "reporting_mta", "postmaster"))
+    if not m:
+        return BounceConfig()
+    enabled = m.get("enabled", True)
+    if not isinstance(enabled, bool):
+        r.error("bounces.enabled", f"must be true or false, got {enabled!r}")
+        enabled = True
+    reporting = m.get("reporting_mta", socket.gethostname())
+    if not isinstance(reporting, str) or not reporting or any(c.isspace() for c in reporting):
+        r.error("bounces.reporting_mta", "must be a host name")
+        reporting = socket.gethostname()
+    postmaster = m.get("postmaster", "")
+    if not isinstance(postmaster, str) or (postmaster and "@" not in postmaster):
+        r.error("bounces.postmaster", "must be an address")
+        postmaster = ""
+    return BounceConfig(enabled, reporting, postmaster)
+
+
+def _metrics(r: Reader, value: Any) -> tuple[IPAddress, int] | None:
+    m = r.mapping(value, "metrics", ("listen",))
+    if not m or m.get("listen") is None:
+        return None
+    return r.typed(m["listen"], "metrics.listen", parse_host_port, '"ip:port"')
+
+
+def parse_client_config(
+    text: str, *, origin: str = "<string>", base: Path | None = None
+) -> ClientConfig:
+    """Parse and validate; raises :class:`ConfigErrors` with every problem.
+
+    Relative paths (``spool.path``, ``events.path``) are taken from ``base``,
+    the config file's directory (default: the working directory).
+    """
     data, lines = compose(text, origin)
     r = Reader(lines)
-    top = r.mapping(data, "", ("egress", "dns", "smtp"))
+    sections = ("egress", "dns", "smtp", "spool", "retry", "events", "bounces", "metrics")
+    top = r.mapping(data, "", (*sections, "shaping", "redis"))
     if top is None:
         raise ConfigErrors(r.errors)
     egress = r.mapping(top.get("egress"), "egress", ("pool",)) or {}
@@ -194,11 +334,25 @@ def parse_client_config(text: str, *, origin: str = "<string>") -> ClientConfig:
     if len(set(sources)) != len(sources):
         r.error("egress.pool", "each source may appear once")
     dns, smtp = _dns(r, top.get("dns")), _smtp(r, top.get("smtp"))
+    base = base or Path()
+    config = ClientConfig(
+        tuple(pool),
+        dns,
+        smtp,
+        spool=_spool(r, top.get("spool"), base),
+        retry=_retry(r, top.get("retry")),
+        events_path=_events(r, top.get("events"), base),
+        bounces=_bounces(r, top.get("bounces")),
+        metrics_listen=_metrics(r, top.get("metrics")),
+        shaping=parse_shaping(r, top.get("shaping")),
+        redis=parse_redis(r, top.get("redis")),
+        origin=origin,
+    )
     if r.errors:
         raise ConfigErrors(r.errors)
-    return ClientConfig(tuple(pool), dns, smtp, origin)
+    return config
 
 
 def load_client_config(path: Path) -> ClientConfig:
     """Read and validate a config file. Raises :class:`ConfigErrors`."""
-    return parse_client_config(read_config_file(path), origin=str(path))
+    return parse_client_config(read_config_file(path), origin=str(path), base=path.parent)

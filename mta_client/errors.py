@@ -85,7 +85,14 @@ class PermanentSmtpError(SmtpError):
 
 
 class ConnectionLostError(MtaClientError, ConnectionError):
-    """421, EOF or a reset mid-session: the connection is gone; retry."""
+    """421, EOF or a reset mid-session: the connection is gone; retry.
+
+    ``reply`` is the server's 421 when it said why (throttle feedback reads it).
+    """
+
+    def __init__(self, message: str, *, reply: SmtpReply | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 class SmtpTimeoutError(MtaClientError, TimeoutError):

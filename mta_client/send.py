@@ -92,7 +92,12 @@ def _domain(address: str) -> str:
     return domain.lower().rstrip(".")
 
 
-def _tls_context() -> ssl.SSLContext:
+def smtp_timeouts(configured: dict[str, float]) -> dict[str, float]:
+    """``smtp.timeouts`` from the config, under the names SmtpSession uses."""
+    return {_TIMEOUT_NAMES[key]: seconds for key, seconds in configured.items()}
+
+
+def tls_context() -> ssl.SSLContext:
     """MTA-to-MTA TLS encrypts without verifying (RFC 7435): MX certificates often
     do not match, and a verified-only policy (DANE, MTA-STS) is not implemented."""
     context = ssl.create_default_context()
@@ -119,8 +124,8 @@ class Sender:
             port=config.smtp.port,
             rng=self.rng,
         )
-        self._tls_context = _tls_context()
-        self._timeouts = {_TIMEOUT_NAMES[k]: v for k, v in config.smtp.timeouts.items()}
+        self._tls_context = tls_context()
+        self._timeouts = smtp_timeouts(config.smtp.timeouts)
 
     async def send(
         self,

@@ -692,7 +692,9 @@ class SmtpSession(trio.abc.AsyncResource):
             ) from exc
         if event.reply.code == 421 and command is not Command.QUIT:
             # RFC 5321 §3.8: the server is closing the channel.
-            raise ConnectionLostError(f"server closing the session: {event.reply} at {command}")
+            raise ConnectionLostError(
+                f"server closing the session: {event.reply} at {command}", reply=event.reply
+            )
         return event
 
 

@@ -223,7 +223,9 @@ class ServerReply:
         """
         reply = self.reply
         if reply.code == 421:
-            raise ConnectionLostError(f"server closing the session: {reply} at {self.command}")
+            raise ConnectionLostError(
+                f"server closing the session: {reply} at {self.command}", reply=reply
+            )
         if reply.is_transient:
             raise TransientSmtpError(reply, phase=self.command.value)
         if reply.is_permanent:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -84,6 +84,9 @@ class ServerConfig:
     close_after_data_bytes: int | None = None  # close once this much content arrived
     stall_after_data_bytes: int | None = None  # stop reading once this much content arrived
     delays: Mapping[Command, float] = field(default_factory=dict)  # sleep before replying
+    # Called with each message's running total before its DATA-END reply
+    # (tests wait on it instead of polling the record).
+    on_message: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -274,6 +277,8 @@ class _ServerSession:
                 self.record.tls,
             )
         )
+        if self.config.on_message is not None:
+            self.config.on_message(len(self.record.messages))
         await self.reply(Command.DATA_END, self.config.data_end_reply)
 
     # -- I/O ------------------------------------------------------------------

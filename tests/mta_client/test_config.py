@@ -93,7 +93,7 @@ def test_smtp_defaults_are_rfc_5321() -> None:
             "egress: {pool: [{source: 127.0.0.2}]}\nsmtp: {timeouts: {quit: 1s}}\n",
             "smtp.timeouts.quit",
         ),
-        ("egress: {pool: [{source: 127.0.0.2}]}\nspool: {}\n", "spool (line 2): unknown key"),
+        ("egress: {pool: [{source: 127.0.0.2}]}\nspools: {}\n", "spools (line 2): unknown key"),
     ],
 )
 def test_each_mistake_gets_a_clear_error_with_its_key_path(text: str, expected: str) -> None:
