@@ -41,7 +41,13 @@ from mta_client.runner import Runner
 from mta_client.send import Sender, exit_status
 from mta_client.spool import SpoolError, inspect, write_segment
 from mta_client.spool_format import NewMessage, QueuedMessage
-from mta_client.submission import SubmissionError, check_address, check_message, check_sender
+from mta_client.submission import (
+    SubmissionError,
+    check_address,
+    check_message,
+    check_sender,
+    message_id,
+)
 
 EXIT_USAGE = 2
 
@@ -178,7 +184,14 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     ]
     try:
         with EventLog(config.events_path) as events:
-            events.write(reception_events(queued))
+            events.write(
+                reception_events(
+                    queued,
+                    header_ids={
+                        q.id: message_id(m.body) for q, m in zip(queued, messages, strict=True)
+                    },
+                )
+            )
     except OSError as exc:
         print(f"mta-client: event log: {exc}", file=sys.stderr)
     return 0
@@ -231,11 +244,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     configure_logging(LogConfig())
+    failure: str | None = None
     try:
         trio.run(_run, config)
-    except SpoolError as exc:  # no spool.path, locked spool, busy metrics port
-        return _fail(str(exc))
-    return 0
+    except* SpoolError as group:  # no spool.path, locked spool, busy metrics port
+        failure = "; ".join(str(exc) for exc in _leaves(group))
+    return 0 if failure is None else _fail(failure)
+
+
+def _leaves(group: BaseExceptionGroup[SpoolError]) -> list[SpoolError]:
+    """The errors inside a (nested) exception group, in order."""
+    found: list[SpoolError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

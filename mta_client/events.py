@@ -34,7 +34,7 @@ import enum
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -326,8 +326,15 @@ class EventLog:
         self.close()
 
 
-def reception_events(messages: Iterable[QueuedMessage]) -> list[Event]:
-    """One ``Reception`` per recipient of each newly spooled message."""
+def reception_events(
+    messages: Iterable[QueuedMessage], *, header_ids: Mapping[str, str | None] | None = None
+) -> list[Event]:
+    """One ``Reception`` per recipient of each newly spooled message.
+
+    ``header_ids`` maps spool ids to the messages' Message-ID header values,
+    for whoever has the bodies at hand.
+    """
+    header_ids = header_ids or {}
     return [
         Event(
             kind=EventKind.RECEPTION,
@@ -335,6 +342,7 @@ def reception_events(messages: Iterable[QueuedMessage]) -> list[Event]:
             message_id=message.id,
             sender=message.sender,
             recipient=recipient.address,
+            header_message_id=header_ids.get(message.id),
             size=message.size,
         )
         for message in messages

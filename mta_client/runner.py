@@ -214,7 +214,8 @@ class Runner:
         """Spool messages from inside the daemon (bounces) and queue them."""
         ids = await self.spool.enqueue(messages)
         queued = [m for m in map(self.spool.message, ids) if m is not None]
-        self._record_events(reception_events(queued))
+        header_ids = {i: message_id(m.body) for i, m in zip(ids, messages, strict=True)}
+        self._record_events(reception_events(queued, header_ids=header_ids))
         if self.metrics is not None:
             self.metrics.received(len(queued))
         for message in queued:
