@@ -128,6 +128,9 @@ class Runner:
         self.scheduler = Scheduler()
         self.log = structlog.get_logger("mta_client.runner")
         self._ready: dict[tuple[str, str], ReadyQueue] = {}
+        #: (source, site) -> trio time its throttle suspension ends, as last
+        #: learned from the shaper; routing avoids these paths until then.
+        self._suspended_paths: dict[tuple[str, str], float] = {}
         self._in_flight = 0
         self._wake_dispatcher = trio.Event()
         self._stopping = trio.Event()
@@ -270,14 +273,19 @@ class Runner:
         """Give each item a source (weighted round robin, in an MX address family)."""
         now = self.clock.now()
         families = [c.address.version for c in destination.candidates]
+        throttled = self._throttled_entries(destination.site)
         for item in items:
             entry = None
             for family in dict.fromkeys(families):  # best MX's family first
-                entry = self.pool.choose(family, now)
+                entry = self.pool.choose(family, now, exclude=throttled)
                 if entry is not None:
                     break
             if entry is None:
-                self._park([item], "no usable egress source for the MX addresses")
+                self._park(
+                    [item],
+                    "no usable egress source for the MX addresses",
+                    until=self._throttle_end(destination.site),
+                )
                 continue
             key = (str(entry.source), destination.site)
             queue = self._ready.get(key)
@@ -288,13 +296,33 @@ class Runner:
                 queue.destination = destination  # the freshest lookup wins
             queue.push([item])
 
-    def _park(self, items: list[WorkItem], reason: str) -> None:
+    def _throttled_entries(self, site: str) -> list[PoolEntry]:
+        """Pool entries whose path to ``site`` is suspended by throttle feedback now."""
+        now = trio.current_time()
+        for key in [k for k, until in self._suspended_paths.items() if until <= now]:
+            del self._suspended_paths[key]
+        return [
+            entry
+            for entry in self.config.pool
+            if (str(entry.source), site) in self._suspended_paths
+        ]
+
+    def _throttle_end(self, site: str) -> float | None:
+        """Wall time the first throttled path to ``site`` reopens, if any is throttled."""
+        ends = [until for (_, s), until in self._suspended_paths.items() if s == site]
+        if not ends:
+            return None
+        return self.clock.now() + (min(ends) - trio.current_time())
+
+    def _park(self, items: list[WorkItem], reason: str, *, until: float | None = None) -> None:
         """No source can take these now: wait for the first suspension to end.
 
         Not an attempt (nothing was tried), so nothing is journaled: after a
         restart they are simply due again.
         """
-        resume = self.pool.next_resume(self.clock.now()) or self.clock.now() + LEASE_RETRY
+        now = self.clock.now()
+        resumes = [t for t in (self.pool.next_resume(now), until) if t is not None]
+        resume = min(resumes) if resumes else now + LEASE_RETRY
         self.log.info("parked", count=len(items), reason=reason, until=resume)
         self._in_flight -= len(items)
         for item in items:
@@ -338,9 +366,14 @@ class Runner:
                         continue
                     if lease.reason is RefusalReason.SUSPENDED and queue.connections == 0:
                         # A throttled path (this node or another saw "slow
-                        # down"): its items wait in their scheduled queue,
-                        # where a source choice can take them elsewhere.
-                        self._park(queue.take_all(), f"path {source}->{site} suspended")
+                        # down"): routing avoids it until the suspension
+                        # ends, so its items go to other sources or wait.
+                        until = trio.current_time() + lease.retry_after
+                        self._suspended_paths[queue.key] = until
+                        self.log.info(
+                            "path_suspended", source=source, site=site, seconds=lease.retry_after
+                        )
+                        self._reroute(queue.take_all())
                         continue
                     wait = min(max(lease.retry_after, 0.001), LEASE_RETRY)
                 with trio.move_on_after(wait):
@@ -417,9 +450,22 @@ class Runner:
                 return index
             wait = await self.shaper.take_messages(source, site, limits, 1)
             while wait > 0:
+                if wait > limits.idle_timeout:
+                    # Suspended, or a rate that leaves the connection idle
+                    # longer than we keep idle connections: hand back.
+                    queue.push_front(unattempted)
+                    return index
                 await trio.sleep(wait)
                 wait = await self.shaper.take_messages(source, site, limits, 1)
-            body = bodies[item.id]
+            body = bodies.get(item.id)
+            if body is None:
+                # The spool could not read it back (it reported the damage):
+                # retry later like any transient failure; expiry bounces it.
+                unreadable = Answer("", "deferred", 451, "4.3.0", "spool record unreadable")
+                await self._settle(
+                    item, [_for(r, unreadable) for r in item.recipients], route, None
+                )
+                continue
             try:
                 result = await session.deliver(Envelope(item.sender, item.recipients, body))
             except (ConnectionLostError, SmtpTimeoutError, trio.TooSlowError) as exc:
@@ -457,6 +503,7 @@ class Runner:
             source, site = queue.key
             until = trio.current_time() + rule.duration
             await self.shaper.suspend(source, site, until, str(reply))
+            self._suspended_paths[queue.key] = until
             self.log.warning(
                 "path_throttled",
                 source=source,

@@ -341,3 +341,50 @@ async def test_stop_finishes_in_flight_transactions_and_leaves_the_rest_spooled(
                 await runner.wait_idle()
     every = [m.data for c in server.connections for m in c.messages]
     assert len(every) == 300 == len(set(every))
+
+
+async def test_a_throttle_reply_suspends_the_path_and_the_other_source_carries_the_rest(
+    tmp_path: Path,
+) -> None:
+    thirty_arrived = trio.Event()
+
+    def count(_: int) -> None:
+        if sum(len(c.messages) for c in server.connections) >= 30:
+            thirty_arrived.set()
+
+    throttling = ServerConfig(
+        rcpt_replies={"slow@example.test": "451 4.7.650 rate limited, try again later"},
+        on_message=count,
+    )
+    async with proxy() as kumo, smtp_server(throttling) as server:
+        config = sender_config(
+            tmp_path, kumo, server, extra="shaping:\n  default: {connection_limit: 1}\n"
+        )
+        spool(
+            config,
+            [NewMessage("a@origin.test", ("slow@example.test",), message(0))]
+            + [NewMessage("a@origin.test", ("r@example.test",), message(i)) for i in range(1, 31)],
+        )
+        registry = prometheus_client.CollectorRegistry()
+        async with sender(config, registry) as runner:
+            with trio.fail_after(30):
+                await thirty_arrived.wait()
+            runner.stop()
+    [failure] = [e for e in events(tmp_path) if e.kind is EventKind.TRANSIENT_FAILURE]
+    throttled = failure.source
+    assert failure.recipient == "slow@example.test"
+    assert failure.enhanced == "4.7.650"
+    # The throttled source's one connection ended after the throttling reply,
+    # and no new connection left from it: the other source took the rest.
+    from_throttled = [c for c in server.connections if c.peer and c.peer[0] == throttled]
+    assert len(from_throttled) == 1
+    assert [v for v in from_throttled[0].verbs if v in ("MAIL", "RCPT")] == ["MAIL", "RCPT"]
+    delivered = [e for e in events(tmp_path) if e.kind is EventKind.DELIVERY]
+    assert len(delivered) == 30
+    assert {e.source for e in delivered} == {"127.0.0.2", "127.0.0.3"} - {throttled}
+    assert (
+        registry.get_sample_value(
+            "mta_client_throttle_suspensions_total", {"source": str(throttled)}
+        )
+        == 1.0
+    )
