@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import ast
 from collections import Counter
 from collections.abc import Iterable
 from ipaddress import ip_address
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta_client import pool
 from mta_client.config import PoolEntry
 from mta_client.pool import FIRST_SUSPENSION, MAX_SUSPENSION, EgressPool
 
@@ -238,15 +235,3 @@ def test_long_run_shares_stay_within_a_bound_whatever_was_suspended_or_excluded(
     for e in entries:
         # Running scores stay bounded, so the deviation from the exact share does too.
         assert abs(counts[e] - rounds * e.weight / total) <= 2
-
-
-def test_pool_module_imports_no_io() -> None:
-    tree = ast.parse(Path(pool.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    io = {"trio", "socket", "ssl", "time", "logging", "structlog", "asyncio", "select", "os"}
-    assert not imported & (io | {"pathlib", "dns"})

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import math
 import random
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta_client import retry
 from mta_client.retry import Expire, RetryAt, RetryPolicy
 
 DAY = 86400.0
@@ -181,15 +178,3 @@ def test_a_scheduled_retry_is_after_now_and_never_after_the_expiry(
         return
     assert now < decision.at <= received + policy.max_age
     assert decision.final == (decision.at == received + policy.max_age)
-
-
-def test_retry_module_imports_no_io() -> None:
-    tree = ast.parse(Path(retry.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    io = {"trio", "socket", "ssl", "time", "logging", "structlog", "asyncio", "select", "os"}
-    assert not imported & (io | {"pathlib", "dns"})

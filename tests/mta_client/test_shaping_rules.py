@@ -5,9 +5,7 @@ Everything here runs on explicit ``now`` values; no clock, no I/O.
 
 from __future__ import annotations
 
-import ast
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kumoproxy.yamlconfig import ConfigErrors, Reader, compose
-from mta_client.shaping import backend, gcra, leases, rules
+from mta_client.shaping import gcra, leases
 from mta_client.shaping.gcra import Rate, default_burst
 from mta_client.shaping.rules import (
     BUILTIN_PROVIDERS,
@@ -608,31 +606,6 @@ def test_leases_never_exceed_the_limit(ops: list[tuple[str, int]], limit: int) -
 
 # --------------------------------------------------------------------------
 # The pure modules stay pure
-
-
-@pytest.mark.parametrize("module", [gcra, leases, rules, backend])
-def test_pure_modules_import_no_io(module: Any) -> None:
-    tree = ast.parse(Path(module.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {
-        "trio",
-        "socket",
-        "ssl",
-        "time",
-        "logging",
-        "structlog",
-        "asyncio",
-        "coredis",
-    }
-    # And nothing that drags them in from inside the package.
-    assert not {"mta_client.shaping.memory", "mta_client.shaping.shaper"} & {
-        n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-    }
 
 
 def test_default_knobs_constant_matches_the_table() -> None:

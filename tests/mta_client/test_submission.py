@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import string
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta_client import submission
 from mta_client.errors import MtaClientError
 from mta_client.submission import (
     SubmissionError,
@@ -365,15 +362,3 @@ def test_header_value_refuses_a_name_no_field_can_have() -> None:
         header_value(HEADERS, "Sub ject")
     with pytest.raises(ValueError, match="not a header field name"):
         header_value(HEADERS, "")
-
-
-def test_submission_module_imports_no_io() -> None:
-    tree = ast.parse(Path(submission.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    io = {"trio", "socket", "ssl", "time", "logging", "structlog", "asyncio", "select", "os"}
-    assert not imported & (io | {"pathlib", "dns"})

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import ipaddress
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, assert_never
 
 import pytest
@@ -15,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kumoproxy.errors import LocalProtocolError, RemoteProtocolError
-from kumoproxy.proto import socks5
 from kumoproxy.proto.socks5 import (
     MAX_CREDENTIALS,
     MAX_GREETING,
@@ -1227,14 +1224,3 @@ def test_credentials_repr_hides_password() -> None:
 def test_failure_reply_default_bound_is_unspecified_ipv4() -> None:
     assert ReplyEvent(Reply.GENERAL_FAILURE).bound == UNSPECIFIED_ENDPOINT
     assert Endpoint(IPv4("0.0.0.0"), 0) == UNSPECIFIED_ENDPOINT
-
-
-def test_module_imports_no_io() -> None:
-    tree = ast.parse(Path(socks5.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"trio", "socket", "ssl", "time", "logging", "asyncio", "select"}

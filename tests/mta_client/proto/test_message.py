@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mta_client.errors import RemoteProtocolError
-from mta_client.proto import message
 from mta_client.proto.message import (
     TERMINATOR,
     is_prepared,
@@ -187,14 +183,3 @@ def test_unstuff_removes_exactly_one_leading_dot() -> None:
 )
 def test_is_prepared_accepts_well_formed_payloads(payload: bytes) -> None:
     assert is_prepared(payload)
-
-
-def test_message_module_imports_no_io() -> None:
-    tree = ast.parse(Path(message.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"trio", "socket", "ssl", "time", "logging", "asyncio", "select"}

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +17,6 @@ from mta_client.errors import (
     SmtpReply,
     TransientSmtpError,
 )
-from mta_client.proto import smtp
 from mta_client.proto.message import prepare_data
 from mta_client.proto.smtp import (
     DATA_BLOCK_TIMEOUT,
@@ -1324,14 +1321,3 @@ def test_trickled_reply_of_maximum_size_is_parsed() -> None:
     event = client.next_event()
     assert isinstance(event, ServerReply)
     assert len(event.reply.lines) == MAX_REPLY_LINES
-
-
-def test_module_imports_no_io() -> None:
-    tree = ast.parse(Path(smtp.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"trio", "socket", "ssl", "time", "logging", "asyncio", "select"}
