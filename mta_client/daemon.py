@@ -22,7 +22,7 @@ from mta_client.events import EventLog
 from mta_client.metrics import SenderMetrics
 from mta_client.mx import MxResolver
 from mta_client.runner import Runner
-from mta_client.shaping import Shaper, open_shaper
+from mta_client.shaping import open_shaper
 from mta_client.spool import Spool, SpoolError
 
 
@@ -110,6 +110,3 @@ async def run_sender(
         events.close()
         with trio.CancelScope(shield=True):
             await spool.aclose()
-
-
-__all__ = ["SenderSetupError", "Shaper", "run_sender"]

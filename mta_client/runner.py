@@ -30,7 +30,7 @@ import trio
 
 from mta_client.clock import WallClock
 from mta_client.config import ClientConfig, PoolEntry
-from mta_client.egress import EgressPath, open_egress
+from mta_client.egress import open_egress
 from mta_client.errors import (
     ConnectionLostError,
     EgressError,
@@ -51,7 +51,7 @@ from mta_client.pool import EgressPool
 from mta_client.proto.dsn import build_bounce
 from mta_client.ready import ReadyQueue
 from mta_client.scheduler import Scheduler, WorkItem, split
-from mta_client.send import CONNECT_TIMEOUT, smtp_timeouts, tls_context
+from mta_client.send import CONNECT_TIMEOUT, egress_path, smtp_timeouts, tls_context
 from mta_client.shaping import Lease, PathLimits, RefusalReason, Shaper
 from mta_client.smtp_session import Envelope, SmtpSession, TlsMode
 from mta_client.spool import Spool
@@ -529,7 +529,7 @@ class Runner:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     connection = await open_egress(
-                        _path(entry), (candidate.address, candidate.port)
+                        egress_path(entry), (candidate.address, candidate.port)
                     )
             except (SourceRefusedError, ProxyAuthError, ProxyUnreachableError) as exc:
                 raise _SourceFailed(f"{type(exc).__name__}: {exc}") from exc
@@ -655,16 +655,6 @@ class Runner:
         if self.metrics is not None:
             self.metrics.set_queue(len(self.scheduler), self._in_flight)
             self.metrics.set_suspended(len(self.pool.suspended(self.clock.now())))
-
-
-def _path(entry: PoolEntry) -> EgressPath:
-    return EgressPath(
-        source=entry.source,
-        proxy=(str(entry.proxy[0]), entry.proxy[1]) if entry.proxy is not None else None,
-        protocol=entry.protocol,
-        username=entry.username,
-        password=entry.password,
-    )
 
 
 def _for(recipient: str, answer: Answer) -> Answer:

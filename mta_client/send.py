@@ -92,6 +92,17 @@ def _domain(address: str) -> str:
     return domain.lower().rstrip(".")
 
 
+def egress_path(entry: PoolEntry) -> EgressPath:
+    """How to reach destinations from a pool entry's source."""
+    return EgressPath(
+        source=entry.source,
+        proxy=(str(entry.proxy[0]), entry.proxy[1]) if entry.proxy is not None else None,
+        protocol=entry.protocol,
+        username=entry.username,
+        password=entry.password,
+    )
+
+
 def smtp_timeouts(configured: dict[str, float]) -> dict[str, float]:
     """``smtp.timeouts`` from the config, under the names SmtpSession uses."""
     return {_TIMEOUT_NAMES[key]: seconds for key, seconds in configured.items()}
@@ -211,15 +222,8 @@ class Sender:
         recipients: list[str],
         message: bytes,
     ) -> list[RecipientOutcome]:
-        path = EgressPath(
-            source=entry.source,
-            proxy=(str(entry.proxy[0]), entry.proxy[1]) if entry.proxy is not None else None,
-            protocol=entry.protocol,
-            username=entry.username,
-            password=entry.password,
-        )
         with trio.fail_after(CONNECT_TIMEOUT):
-            connection = await open_egress(path, (candidate.address, candidate.port))
+            connection = await open_egress(egress_path(entry), (candidate.address, candidate.port))
         local_ip, local_port = connection.local
         used = format_endpoint(local_ip, local_port)
         try:

@@ -367,6 +367,12 @@ class Sink:
     def counter(self) -> SinkCounter:
         return SinkCounter(self.dump)
 
+    def client_addresses(self) -> list[str]:
+        """The source address of every transaction so far, in arrival order."""
+        if not self.dump.exists():
+            return []
+        return [a.decode() for a in _CLIENT_ADDR.findall(self.dump.read_bytes())]
+
 
 def _free_port() -> int:
     with socket.socket() as probe:

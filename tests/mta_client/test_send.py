@@ -8,81 +8,19 @@ message with an ``X-Client-Addr`` line: the source IP it saw. Its ``-r`` /
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import sys
-import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 
+from tests.mta_client.senderkit import Sink, needs_smtp_sink, smtp_sink
 from tests.netkit import RunningService, make_config, running_service
 
-SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(SMTP_SINK), reason="needs Postfix's smtp-sink (.ci/run installs postfix)"
-)
+pytestmark = needs_smtp_sink
 
 MESSAGE = b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: hi\r\n\r\nHello.\r\n.dot line\r\n"
-
-
-@dataclass
-class Sink:
-    port: int
-    dump: Path
-
-    def client_addresses(self) -> list[str]:
-        if not self.dump.exists():
-            return []
-        return [
-            line.split(":", 1)[1].strip()
-            for line in self.dump.read_text(errors="replace").splitlines()
-            if line.startswith("X-Client-Addr:")
-        ]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@asynccontextmanager
-async def smtp_sink(tmp_path: Path, *options: str) -> AsyncIterator[Sink]:
-    # Started as root, smtp-sink drops to nobody, who cannot reach pytest's
-    # root-only tmp_path: the dump goes to a directory nobody can use.
-    with tempfile.TemporaryDirectory(prefix="smtp-sink-") as name:
-        os.chmod(name, 0o777)  # a fresh local directory: not worth a thread
-        async with _run_sink(Path(name) / "dump", options) as sink:
-            yield sink
-
-
-@asynccontextmanager
-async def _run_sink(dump: Path, options: tuple[str, ...]) -> AsyncIterator[Sink]:
-    port = _free_port()
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    command = [SMTP_SINK, *user, "-D", str(dump), *options, f"127.0.0.1:{port}", "64"]
-    process = await trio.lowlevel.open_process(command)
-    try:
-        with trio.fail_after(10):  # wait until it accepts: an external process, no start signal
-            while True:
-                try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", port)
-                except OSError:
-                    await trio.sleep(0.02)
-                    continue
-                await stream.aclose()
-                break
-        yield Sink(port, dump)
-    finally:
-        process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 @dataclass
@@ -129,7 +67,7 @@ async def mta_send(
 
 @pytest.mark.parametrize("source", ["127.0.0.2", "127.0.0.3"])
 async def test_send_delivers_from_the_chosen_source(tmp_path: Path, source: str) -> None:
-    async with running_service(make_config()) as proxy, smtp_sink(tmp_path) as sink:
+    async with running_service(make_config()) as proxy, smtp_sink() as sink:
         result = await mta_send(
             tmp_path, client_config(proxy, sink), "b@example.test", source=source
         )
@@ -145,7 +83,7 @@ async def test_send_delivers_from_the_chosen_source(tmp_path: Path, source: str)
 
 
 async def test_one_line_per_recipient_and_weighted_sources_all_deliver(tmp_path: Path) -> None:
-    async with running_service(make_config()) as proxy, smtp_sink(tmp_path) as sink:
+    async with running_service(make_config()) as proxy, smtp_sink() as sink:
         result = await mta_send(
             tmp_path, client_config(proxy, sink), "b@example.test", "c@example.test"
         )
@@ -169,7 +107,7 @@ async def test_one_line_per_recipient_and_weighted_sources_all_deliver(tmp_path:
 async def test_sink_faults_give_per_recipient_statuses_and_exit_codes(
     tmp_path: Path, options: tuple[str, str], status: str, code: int, returncode: int
 ) -> None:
-    async with running_service(make_config()) as proxy, smtp_sink(tmp_path, *options) as sink:
+    async with running_service(make_config()) as proxy, smtp_sink(*options) as sink:
         result = await mta_send(
             tmp_path, client_config(proxy, sink), "b@example.test", source="127.0.0.2"
         )
@@ -181,7 +119,7 @@ async def test_sink_faults_give_per_recipient_statuses_and_exit_codes(
 
 
 async def test_disconnect_mid_transaction_is_deferred(tmp_path: Path) -> None:
-    async with running_service(make_config()) as proxy, smtp_sink(tmp_path, "-q", "data") as sink:
+    async with running_service(make_config()) as proxy, smtp_sink("-q", "data") as sink:
         result = await mta_send(
             tmp_path, client_config(proxy, sink), "b@example.test", source="127.0.0.2"
         )
@@ -193,7 +131,7 @@ async def test_disconnect_mid_transaction_is_deferred(tmp_path: Path) -> None:
 
 
 async def test_unplumbed_source_is_reported_as_a_source_problem(tmp_path: Path) -> None:
-    async with running_service(make_config()) as proxy, smtp_sink(tmp_path) as sink:
+    async with running_service(make_config()) as proxy, smtp_sink() as sink:
         host, port = proxy.address("socks5")
         pool = f'    - {{source: 203.0.113.77, proxy: "{host}:{port}", ehlo: mta.test}}\n'
         result = await mta_send(tmp_path, client_config(proxy, sink, pool=pool), "b@example.test")
@@ -229,7 +167,7 @@ async def test_pipelining_sends_one_write_per_envelope(tmp_path: Path) -> None:
 
     async with (
         running_service(make_config()) as proxy,
-        smtp_sink(tmp_path) as sink,
+        smtp_sink() as sink,
         trio.open_nursery() as nursery,
     ):
         listeners = await nursery.start(
