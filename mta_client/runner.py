@@ -455,7 +455,13 @@ class Runner:
                     # longer than we keep idle connections: hand back.
                     queue.push_front(unattempted)
                     return index
-                await trio.sleep(wait)
+                # Sleep in steps shorter than the lease, extending it after
+                # each: waits add up, and a lapsed lease lets another node
+                # take the slot while this connection is still open.
+                await trio.sleep(min(wait, limits.lease_ttl / 3))
+                if not await self.shaper.extend(lease):
+                    queue.push_front(unattempted)
+                    return index
                 wait = await self.shaper.take_messages(source, site, limits, 1)
             body = bodies.get(item.id)
             if body is None:

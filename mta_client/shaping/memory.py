@@ -85,11 +85,31 @@ class MemoryBackend:
                 leases.acquire(members, now, scope.connection_limit, lease_id, limits.lease_ttl)
         return None
 
+    def adopt(self, lease_id: str, limits: PathLimits) -> None:
+        """Count a connection opened elsewhere (in shared mode) as held here,
+        even over the limit: it is open, and new ones must wait for it."""
+        expiry = self._now() + limits.lease_ttl
+        for scope in limits.scopes:
+            if scope.connection_limit is not None:
+                self._leases.setdefault(scope.key, {})[lease_id] = expiry
+
     async def extend(self, lease_id: str, limits: PathLimits) -> bool:
         """See :meth:`ShapingBackend.extend`."""
         await trio.lowlevel.checkpoint()
         now = self._now()
         limited = [s for s in limits.scopes if s.connection_limit is not None]
+        over = any(
+            lease_id in self._leases.get(s.key, {})
+            and len(self._leases[s.key]) > s.connection_limit
+            for s in limited
+            if s.connection_limit is not None
+        )
+        if over:
+            # More held than the limit (leases adopted at a switch to local
+            # mode): shed this one, so the node comes down to its share.
+            for scope in limited:
+                leases.release(self._leases.setdefault(scope.key, {}), lease_id)
+            return False
         room = all(
             leases.has_room(self._leases.get(s.key, {}), now, s.connection_limit, lease_id)
             for s in limited

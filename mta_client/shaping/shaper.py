@@ -29,9 +29,13 @@ the lease there if it is not held there yet, when there is room (counting
 like a new lease); otherwise it returns False and the connection must close.
 So:
 
-* shared -> local: each open connection moves into the local share at its
-  next message, or is closed if the share is full. Its Redis slot is freed
-  when Redis answers again, or expires after ``lease_ttl``.
+* shared -> local: the node's open connections are counted in its local
+  share at once (adopted, even over the share). A node holding more than
+  its share closes the excess, one connection at its next message each; and
+  no node opens a new connection for ``fallback_grace`` (10 s) after its
+  switch, so the over-share nodes shed first. The source therefore stays
+  within its limit as long as a message takes less than the grace. Redis
+  slots are freed when Redis answers again, or expire after ``lease_ttl``.
 * local -> shared: new connections are counted in Redis at once; each
   connection opened during the outage moves into Redis at its next
   message, or is closed if Redis has no room. Until then it is counted
@@ -48,6 +52,7 @@ node that starts while Redis is down assumes ``initial_nodes`` (1).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import secrets
 import socket
@@ -60,7 +65,7 @@ from typing import Final, Literal, TypeVar
 import structlog
 import trio
 
-from mta_client.shaping.backend import Lease, Refused
+from mta_client.shaping.backend import LEASE_RETRY_HINT, Lease, RefusalReason, Refused
 from mta_client.shaping.memory import MemoryBackend
 from mta_client.shaping.redis_backend import REDIS_DOWN, RedisBackend
 from mta_client.shaping.rules import PathLimits, RedisConfig, canonical_source, path_key
@@ -80,6 +85,9 @@ Mode = Literal["shared", "local"]
 CALL_TIMEOUT: Final = 1.0
 #: How often a node in local mode tries Redis again.
 RETRY_INTERVAL: Final = 5.0
+#: After a switch to local mode, no new connection for this long: nodes over
+#: their local share close their excess first (one message time each).
+FALLBACK_GRACE: Final = 10.0
 #: Releases of shared leases kept while Redis is away; beyond this the
 #: oldest are dropped (their leases then expire after ``lease_ttl``).
 MAX_PENDING_RELEASES: Final = 10_000
@@ -117,8 +125,11 @@ class Shaper:
         heartbeat_interval: float | None = None,
         on_mode_change: Callable[[Mode], None] | None = None,
         initial_nodes: int = 1,
+        fallback_grace: float = FALLBACK_GRACE,
     ) -> None:
         self._shared = shared
+        self._fallback_grace = fallback_grace
+        self._grace_until = -math.inf
         self._local = local if local is not None else MemoryBackend()
         self._node_ttl = node_ttl
         self._call_timeout = call_timeout
@@ -134,6 +145,8 @@ class Shaper:
         self.recoveries = 0
         self.redis_errors = 0
         self._homes: dict[str, Mode] = {}
+        #: Every lease this node holds, by id (the fallback adopts them).
+        self._held: dict[str, Lease] = {}
         self._pending_releases: deque[Lease] = deque(maxlen=MAX_PENDING_RELEASES)
         # A fresh token per process: a node restarted under the same id must
         # not find its predecessor's leases and count them as its own.
@@ -167,12 +180,18 @@ class Shaper:
             else:
                 if refused is None:
                     self._homes[lease_id] = "shared"
-                    return Lease(lease_id, limits)
+                    lease = self._held[lease_id] = Lease(lease_id, limits)
+                    return lease
                 return refused
+        grace = self._grace_until - trio.current_time()
+        if grace > 0:
+            # Just fell back: nodes over their share shed connections first.
+            return Refused(RefusalReason.CONNECTION_LIMIT, min(grace, LEASE_RETRY_HINT))
         refused = await self._local.acquire(lease_id, self._local_limits(limits))
         if refused is None:
             self._homes[lease_id] = "local"
-            return Lease(lease_id, limits)
+            lease = self._held[lease_id] = Lease(lease_id, limits)
+            return lease
         return refused
 
     async def extend(self, lease: Lease) -> bool:
@@ -197,15 +216,20 @@ class Shaper:
             held = await self._local.extend(lease.lease_id, self._local_limits(lease.limits))
         if where != home:
             await self._forget(home, lease)
+        elif where == "shared":
+            # A copy adopted during an outage is no longer needed locally.
+            await self._local.release(lease.lease_id, lease.limits)
         if held:
             self._homes[lease.lease_id] = where
         else:
             self._homes.pop(lease.lease_id, None)
+            self._held.pop(lease.lease_id, None)
         return held
 
     async def release(self, lease: Lease) -> None:
         """Free the lease (the connection closed). Releasing twice is harmless."""
         home = self._homes.pop(lease.lease_id, None)
+        self._held.pop(lease.lease_id, None)
         if home is not None:
             await self._forget(home, lease)
 
@@ -352,6 +376,16 @@ class Shaper:
             return
         self.mode = "local"
         self.fallbacks += 1
+        self._grace_until = trio.current_time() + self._fallback_grace
+        # The connections this node opened in shared mode are still open:
+        # count them against the local share from the first moment, so that
+        # no new one opens until the node is under its share. (Every node
+        # was within the shared limit at the switch, so the source stays
+        # within it too.)
+        for lease_id, home in self._homes.items():
+            if home == "shared":
+                lease = self._held[lease_id]
+                self._local.adopt(lease_id, self._local_limits(lease.limits))
         self._log.warning(
             "shaping_fallback",
             node=self.node_id,
@@ -372,6 +406,7 @@ async def open_shaper(
     retry_interval: float = RETRY_INTERVAL,
     heartbeat_interval: float | None = None,
     initial_nodes: int = 1,
+    fallback_grace: float = FALLBACK_GRACE,
 ) -> AsyncIterator[Shaper]:
     """A running Shaper: in memory without ``redis``; else connected, with its
     heartbeat task started (the first heartbeat has decided the mode).
@@ -394,6 +429,7 @@ async def open_shaper(
             heartbeat_interval=heartbeat_interval,
             on_mode_change=on_mode_change,
             initial_nodes=initial_nodes,
+            fallback_grace=fallback_grace,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(shaper.run)

@@ -85,6 +85,7 @@ async def node(
         on_mode_change=on_mode_change,
         call_timeout=call_timeout,
         retry_interval=0.05,
+        fallback_grace=0.0,
     ) as shaper:
         yield shaper
 
@@ -302,11 +303,12 @@ async def test_redis_stopped_mid_run_falls_back_to_the_local_share_then_recovers
 
         await redis.stop()
         with structlog.testing.capture_logs() as logs:
-            granted = [await n1.acquire_connection(SRC, SITE, shared) for _ in range(3)]
+            granted = [await n1.acquire_connection(SRC, SITE, shared) for _ in range(2)]
             assert n1.mode == "local"
-            # 6 connections / 3 live nodes: 2 for this node while it cannot coordinate.
-            assert [isinstance(g, Lease) for g in granted] == [True, True, False]
-            refused = granted[2]
+            # 6 connections / 3 live nodes: 2 for this node while it cannot
+            # coordinate, and the one it opened before the outage holds one.
+            assert [isinstance(g, Lease) for g in granted] == [True, False]
+            refused = granted[1]
             assert isinstance(refused, Refused)
             assert refused.reason is RefusalReason.CONNECTION_LIMIT
             assert await n1.take_messages(SRC, SITE, shared) == 0.0
@@ -335,10 +337,11 @@ async def test_redis_stopped_mid_run_falls_back_to_the_local_share_then_recovers
         assert isinstance(local_lease, Lease)
         assert await n1.extend(local_lease)
         assert await lease_count(redis, shared.path_key) == 2
-        assert n1.local.lease_count(shared.path_key) == 1  # granted[1] not yet moved
+        assert n1.local.lease_count(shared.path_key) == 1  # `before`, adopted, not yet moved
         # The lease from before the crash was wiped with Redis's data; it re-takes a slot.
         assert await n1.extend(before)
         assert await lease_count(redis, shared.path_key) == 3
+        assert n1.local.lease_count(shared.path_key) == 0  # its adopted copy is gone
 
 
 async def test_hung_redis_times_out_and_pending_releases_are_handed_over(
@@ -392,3 +395,38 @@ async def test_a_node_started_while_redis_is_down_runs_locally_until_it_is_up(
         await n1.heartbeat()
         assert mode_of(n1) == "shared"
     assert modes == ["local", "shared"]
+
+
+async def test_a_node_over_its_local_share_sheds_and_new_connections_wait_the_grace(
+    redis: RedisServer,
+) -> None:
+    shared = limits(connection_limit=6)
+    config = RedisConfig(redis.url, PREFIX, node_ttl=5.0)
+    async with (
+        open_shaper(config, node_id="n1", call_timeout=0.5, fallback_grace=2.0) as n1,
+        open_shaper(config, node_id="n2", call_timeout=0.5) as n2,
+        open_shaper(config, node_id="n3", call_timeout=0.5) as n3,
+    ):
+        for shaper in (n1, n2, n3):
+            await shaper.heartbeat()
+        held = [await n1.acquire_connection(SRC, SITE, shared) for _ in range(4)]
+        assert all(isinstance(lease, Lease) for lease in held)
+        await redis.stop()
+        # The switch: n1's four open connections count against its share of 2.
+        refused = await n1.acquire_connection(SRC, SITE, shared)
+        assert isinstance(refused, Refused)
+        assert n1.mode == "local"
+        assert n1.local.lease_count(shared.path_key) == 4
+        # Each extend sheds one until the node is down to its share...
+        kept = [await n1.extend(lease) for lease in held if isinstance(lease, Lease)]
+        assert kept == [False, False, True, True]
+        assert n1.local.lease_count(shared.path_key) == 2
+        # ...and nothing new opens during the grace, even below the share.
+        released = held[2]
+        assert isinstance(released, Lease)
+        await n1.release(released)
+        grace = await n1.acquire_connection(SRC, SITE, shared)
+        assert isinstance(grace, Refused)
+        assert grace.reason is RefusalReason.CONNECTION_LIMIT
+        await trio.sleep(2.0)
+        assert isinstance(await n1.acquire_connection(SRC, SITE, shared), Lease)
