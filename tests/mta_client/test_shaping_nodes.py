@@ -41,6 +41,7 @@ from hypothesis import given
 
 from kumoproxy.config import parse_config
 from mta_client.proto.smtp import Command
+from mta_client.shaping.shaper import FALLBACK_GRACE
 from mta_client.smtp_session import Envelope, SmtpSession, TlsMode
 from tests.mta_client.recordingsink import (
     RecordingSink,
@@ -493,14 +494,16 @@ async def test_without_redis_nodes_keep_delivering_within_local_shares_and_then_
     tmp_path: Path,
 ) -> None:
     limit, share = 6, 2  # six connections for the source: two each for three isolated nodes
-    settle = 3.0  # for every open connection to send its next message and move
+    # For every open connection to send its next message and move, and for
+    # the fallback grace (no new connection for 10 s after a switch) to end.
+    settle = FALLBACK_GRACE + 3.0
     shaping = f"""
         default: {{connection_limit: {limit}, max_connection_rate: 100/s,
                   max_deliveries_per_connection: 1000, idle_timeout: 500ms}}
     """
-    # Each node wants six connections (16 messages each) all along; six
-    # connections at 150 ms a message take 20 s for the 900.
-    async with cluster(tmp_path, shaping, per_node=300, sink=paced_sink(0.15)) as c:
+    # Each node wants six connections all along, and has work for the whole
+    # run: six connections at 150 ms a message take 60 s for the 2,400.
+    async with cluster(tmp_path, shaping, per_node=800, sink=paced_sink(0.15)) as c:
         sink, nodes = c.sink, c.nodes
 
         def arrived_since(name: str, since: float) -> int:
@@ -508,7 +511,7 @@ async def test_without_redis_nodes_keep_delivering_within_local_shares_and_then_
                 t >= since for co in sink.connections if node_of(co) == name for t in co.arrivals
             )
 
-        with trio.fail_after(60):
+        with trio.fail_after(120):
             async with redis_client(c.redis) as client:
                 await wait_for_nodes_to_see_each_other(client)
             await sink.wait_until(lambda: sink.message_count() >= 30)
