@@ -40,6 +40,10 @@ bounces:
   postmaster: postmaster@mta1.example.com
 metrics:
   listen: "127.0.0.1:9125"          # optional Prometheus /metrics listener
+shaping:                            # limits per (source, site): docs/shaping.md
+  default: {connection_limit: 10, max_message_rate: 100/s}
+redis:                              # optional: share the limits across sender nodes
+  url: "redis://10.0.0.7:6379/0"
 ```
 """
 
