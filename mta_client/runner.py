@@ -451,9 +451,10 @@ class Runner:
             wait = await self.shaper.take_messages(source, site, limits, 1)
             while wait > 0:
                 if wait > limits.idle_timeout:
-                    # Suspended, or a rate that leaves the connection idle
-                    # longer than we keep idle connections: hand back.
-                    queue.push_front(unattempted)
+                    # Longer than we keep a connection idle: close it, and
+                    # take the items out of the ready queue so that no new
+                    # connection opens just to wait again.
+                    await self._hold_back(queue, unattempted, wait)
                     return index
                 # Sleep in steps shorter than the lease, extending it after
                 # each: waits add up, and a lapsed lease lets another node
@@ -496,6 +497,19 @@ class Runner:
                 queue.push_front(batch[index + 1 :])
                 return index + 1
         return len(batch)
+
+    async def _hold_back(self, queue: ReadyQueue, items: list[WorkItem], wait: float) -> None:
+        """Items whose path cannot send for ``wait`` seconds leave the ready queue:
+        around a suspended path at once, or back to their scheduled queue until
+        the message rate lets them go (not an attempt either way)."""
+        items = items + queue.take_all()
+        source, site = queue.key
+        until = await self.shaper.suspended_until(source, site)
+        if until is not None:
+            self._suspended_paths[queue.key] = until
+            self._reroute(items)
+        else:
+            self._park(items, f"path {source}->{site} message rate", until=self.clock.now() + wait)
 
     async def _check_throttle(self, queue: ReadyQueue, replies: Sequence[SmtpReply]) -> bool:
         """Throttle feedback: a reply that says "slow down" suspends the path

@@ -388,3 +388,31 @@ async def test_a_throttle_reply_suspends_the_path_and_the_other_source_carries_t
         )
         == 1.0
     )
+
+
+async def test_a_slow_message_rate_spaces_deliveries_without_idle_connections(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    async with proxy() as kumo, smtp_server() as server:
+        config = sender_config(
+            tmp_path,
+            kumo,
+            server,
+            pool='    - {{source: 127.0.0.2, proxy: "{proxy}", ehlo: mta.test}}\n',
+            extra="shaping:\n  default: {max_message_rate: 1/h, idle_timeout: 60s}\n",
+        )
+        spool(
+            config,
+            [NewMessage("a@origin.test", ("r@example.test",), message(i)) for i in range(3)],
+        )
+        async with sender(config) as runner:
+            with trio.fail_after(4 * 3600):
+                await runner.wait_idle()
+    times = sorted(e.time - EPOCH for e in events(tmp_path) if e.kind is EventKind.DELIVERY)
+    assert len(times) == 3
+    # One an hour (an IP warming up): each waited in its scheduled queue, and
+    # no connection was opened just to sit and wait for the rate.
+    assert times[1] - times[0] == pytest.approx(3600, abs=2)
+    assert times[2] - times[1] == pytest.approx(3600, abs=2)
+    assert len(server.connections) == 3
+    assert all(len(c.messages) == 1 for c in server.connections)
