@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 import trio
@@ -326,7 +326,7 @@ class Runner:
         self.log.info("parked", count=len(items), reason=reason, until=resume)
         self._in_flight -= len(items)
         for item in items:
-            self.scheduler.add(_due_at(item, resume))
+            self.scheduler.add(replace(item, next_attempt=resume))
         self._update_gauges()
         self._wake()
 
@@ -335,7 +335,7 @@ class Runner:
         self._in_flight -= len(items)
         now = self.clock.now()
         for item in items:
-            self.scheduler.add(_due_at(item, now))
+            self.scheduler.add(replace(item, next_attempt=now))
         self._update_gauges()
         self._wake()
 
@@ -683,19 +683,6 @@ def _for(recipient: str, answer: Answer) -> Answer:
 
 def _describe(candidate: MxCandidate, exc: BaseException) -> str:
     return f"{candidate.host} [{candidate.address}]: {exc or type(exc).__name__}"
-
-
-def _due_at(item: WorkItem, when: float) -> WorkItem:
-    return WorkItem(
-        item.id,
-        item.domain,
-        item.sender,
-        item.recipients,
-        item.attempts,
-        when,
-        item.received,
-        item.size,
-    )
 
 
 def _ceil_div(a: int, b: int) -> int:
