@@ -365,15 +365,7 @@ class Runner:
                         self._connections.start_soon(self._run_connection, queue, lease, limits)
                         continue
                     if lease.reason is RefusalReason.SUSPENDED and queue.connections == 0:
-                        # A throttled path (this node or another saw "slow
-                        # down"): routing avoids it until the suspension
-                        # ends, so its items go to other sources or wait.
-                        until = trio.current_time() + lease.retry_after
-                        self._suspended_paths[queue.key] = until
-                        self.log.info(
-                            "path_suspended", source=source, site=site, seconds=lease.retry_after
-                        )
-                        self._reroute(queue.take_all())
+                        self._route_around(queue, queue.take_all(), lease.retry_after)
                         continue
                     wait = min(max(lease.retry_after, 0.001), LEASE_RETRY)
                 with trio.move_on_after(wait):
@@ -498,6 +490,14 @@ class Runner:
                 return index + 1
         return len(batch)
 
+    def _route_around(self, queue: ReadyQueue, items: list[WorkItem], seconds: float) -> None:
+        """A throttled path (this node or another saw "slow down"): routing
+        avoids it for ``seconds``, so its items go to other sources or wait."""
+        source, site = queue.key
+        self._suspended_paths[queue.key] = trio.current_time() + seconds
+        self.log.info("path_suspended", source=source, site=site, seconds=seconds)
+        self._reroute(items)
+
     async def _hold_back(self, queue: ReadyQueue, items: list[WorkItem], wait: float) -> None:
         """Items whose path cannot send for ``wait`` seconds leave the ready queue:
         around a suspended path at once, or back to their scheduled queue until
@@ -506,8 +506,7 @@ class Runner:
         source, site = queue.key
         until = await self.shaper.suspended_until(source, site)
         if until is not None:
-            self._suspended_paths[queue.key] = until
-            self._reroute(items)
+            self._route_around(queue, items, until - trio.current_time())
         else:
             self._park(items, f"path {source}->{site} message rate", until=self.clock.now() + wait)
 
