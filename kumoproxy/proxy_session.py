@@ -14,6 +14,7 @@ from kumoproxy.errors import EgressError, RemoteProtocolError
 from kumoproxy.policy import Refusal, RefusalReason, select_source
 from kumoproxy.proto import proxy_protocol
 from kumoproxy.proto.common import format_endpoint
+from kumoproxy.relay import receive_some
 from kumoproxy.session import (
     HANDSHAKE_READ_SIZE,
     Outcome,
@@ -34,7 +35,7 @@ async def _read_proxy_header(
 ) -> tuple[proxy_protocol.ProxyHeader, bytes]:
     buffer = bytearray()
     while (parsed := proxy_protocol.maybe_parse(buffer)) is None:
-        data = await stream.receive_some(HANDSHAKE_READ_SIZE)
+        data = await receive_some(stream, HANDSHAKE_READ_SIZE)
         if not data:
             raise RemoteProtocolError(
                 f"connection closed after {len(buffer)} bytes of an incomplete PROXY header"

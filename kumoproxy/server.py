@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import secrets
 import socket
 import ssl
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -34,7 +36,15 @@ from kumoproxy.passwords import PasswordVerifier
 from kumoproxy.policy import RefusalReason, check_client, unmap
 from kumoproxy.proto.common import format_endpoint
 from kumoproxy.proxy_session import run_proxy
-from kumoproxy.session import Outcome, SessionContext, SessionRecord, limit_refusal, refuse
+from kumoproxy.relay import SPLICE_AVAILABLE, PipePool
+from kumoproxy.session import (
+    MetricChildren,
+    Outcome,
+    SessionContext,
+    SessionRecord,
+    limit_refusal,
+    refuse,
+)
 from kumoproxy.socks5_session import run_socks5
 from kumoproxy.throttle import AuthThrottle
 from kumoproxy.tls import server_context
@@ -50,6 +60,23 @@ DRAIN_END = "drain"
 
 #: Listen backlog: the kernel caps it at net.core.somaxconn anyway.
 LISTEN_BACKLOG = 4096
+
+#: accept() errors that concern only the connection being accepted (Linux
+#: passes pending network errors on through accept(2), "Error handling"):
+#: skip it and accept the next one.
+ACCEPT_SKIP_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED", "ECONNRESET", "EPERM", "EPROTO", "ENETDOWN", "ENOPROTOOPT",
+        "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ETIMEDOUT",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
+
+#: Linux copies the listening socket's options (keepalive and its timings,
+#: TCP_NODELAY) to each accepted socket, so they are set once on the
+#: listener instead of with four system calls per session.
+OPTIONS_INHERITED = sys.platform == "linux"
 
 SessionObserver = Callable[[SessionRecord], None]
 
@@ -79,6 +106,9 @@ async def _listen(host: IPAddress, port: int, label: str) -> trio.SocketListener
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if OPTIONS_INHERITED:
+            egress.set_keepalive(sock)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await sock.bind((str(host), port))
         sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
@@ -155,6 +185,9 @@ class Service:
         self._tls_contexts = _tls_contexts(config)
         self.metrics.config_loaded.set(wall_clock())
         self._observers = observers
+        self._children = MetricChildren()
+        self._pipes = PipePool() if SPLICE_AVAILABLE else None
+        self._context = self._session_context()
         self._source_totals: dict[IPAddress, Counter[str]] = defaultdict(Counter)
         self._drain_requested = trio.Event()
         self._sessions_changed = trio.Event()
@@ -185,6 +218,7 @@ class Service:
         if old != new or self.config.admin.listen != config.admin.listen:
             ignored.append("listener addresses (restart to apply)")
         self.config = config
+        self._context = self._session_context()
         self._tls_contexts = tls_contexts
         self.limits.limits = config.limits
         self.handshakes.limit = config.limits.handshakes
@@ -250,6 +284,8 @@ class Service:
             # Cancellation (a second signal, a test) must not leak listening sockets.
             with trio.CancelScope(shield=True):
                 await opened.aclose()
+            if self._pipes is not None:
+                self._pipes.close()
         self.log.info("stopped")
 
     async def _serve_until_drained(self, bound: Bound, task_status: trio.TaskStatus[Bound]) -> None:
@@ -277,10 +313,17 @@ class Service:
         backoff = ACCEPT_BACKOFF_INITIAL
         failures = 0
         label = bound.config.listen
+        listening = bound.listener.socket
         while True:
             try:
-                stream = await bound.listener.accept()
+                # The socket's accept, not the listener's: it returns the
+                # peer's address, which saves a getpeername() per session.
+                sock, address = await listening.accept()
             except OSError as exc:
+                if exc.errno in ACCEPT_SKIP_ERRNOS:
+                    continue
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError from None
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
                 error = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -294,10 +337,14 @@ class Service:
             if failures:
                 self.log.info("accept recovered", listener=label, failures=failures)
                 failures, backoff = 0, ACCEPT_BACKOFF_INITIAL
-            sessions.start_soon(self._handle, bound.config, stream)
+            sessions.start_soon(self._handle, bound.config, trio.SocketStream(sock), address)
 
     def _session_context(self) -> SessionContext:
-        """A snapshot for one session: a reload later does not change it."""
+        """The context new sessions get, built at start and at each reload.
+
+        A session keeps the one it started with: a reload does not change
+        sessions in flight.
+        """
         return SessionContext(
             config=self.config,
             resolver=self._resolver,
@@ -306,10 +353,17 @@ class Service:
             limits=self.limits,
             metrics=self.metrics,
             handshakes=self.handshakes,
+            children=self._children,
+            pipes=self._pipes,
         )
 
-    async def _handle(self, listener: ListenerConfig, stream: trio.SocketStream) -> None:
-        peer_host, peer_port = stream.socket.getpeername()[:2]
+    async def _handle(
+        self,
+        listener: ListenerConfig,
+        stream: trio.SocketStream,
+        address: tuple[str, int] | tuple[str, int, int, int],  # accept()'s, IPv4 or IPv6
+    ) -> None:
+        peer_host, peer_port = address[:2]
         peer = unmap(ipaddress.ip_address(peer_host))
         record = SessionRecord(
             session_id=secrets.token_hex(8),
@@ -319,12 +373,13 @@ class Service:
             started_at=trio.current_time(),
             client_ip=peer,
         )
-        ctx = self._session_context()
+        ctx = self._context
         self.active_sessions += 1
-        self.metrics.sessions_active.labels(listener.listen).inc()
+        self._children(self.metrics.sessions_active, listener.listen).inc()
         admitted = False
         try:
-            egress.set_keepalive(stream.socket)
+            if not OPTIONS_INHERITED:
+                egress.set_keepalive(stream.socket)
             refusal = check_client(ctx.config, peer)
             if refusal is not None:
                 refuse(record, refusal)
@@ -341,43 +396,54 @@ class Service:
                 )
             else:
                 await run_proxy(ctx, record, stream, over_limit=over_limit)
-        except trio.Cancelled:
-            record.detail = "closed at shutdown (drain time over)"
-            if record.outcome is Outcome.OK:
-                record.reason = DRAIN_END  # so the end says why, not just "ok"
-            raise
         except Exception as exc:  # a bug: log it, keep the service up
             record.detail = f"internal error: {exc!r}"
             self.log.exception("session crashed", session_id=record.session_id)
+        except BaseException as exc:
+            if _cancelled(exc):  # both relay pumps cancelled arrive as a group
+                record.detail = "closed at shutdown (drain time over)"
+                if record.outcome is Outcome.OK:
+                    record.reason = DRAIN_END  # so the end says why, not just "ok"
+            raise
         finally:
             if admitted:
                 self.limits.release_session(peer)
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            stream.socket.close()  # synchronous: nothing to shield
             record.total_seconds = trio.current_time() - record.started_at
             self._account(record)
             self.active_sessions -= 1
-            self._sessions_changed.set()
-            self._sessions_changed = trio.Event()
+            if self.draining:  # only the drain waits for sessions to end
+                self._sessions_changed.set()
+                self._sessions_changed = trio.Event()
 
     def _account(self, record: SessionRecord) -> None:
         """The session's log line, metrics and per-source totals."""
         metrics = self.metrics
-        metrics.sessions_active.labels(record.listener).dec()
-        metrics.session_ends.labels(record.listener, record.end).inc()
+        children = self._children
+        children(metrics.sessions_active, record.listener).dec()
+        children(metrics.session_ends, record.listener, record.end).inc()
         if record.reason in REFUSAL_REASONS and record.outcome is not Outcome.OK:
             metrics.refusals.labels(record.listener, record.reason).inc()
         result = SOURCE_RESULTS.get(record.outcome)
         if record.source_ip is not None and result is not None:
-            metrics.source_connections.labels(str(record.source_ip), result).inc()
+            children(metrics.source_connections, record.source_ip, result).inc()
             self._source_totals[record.source_ip][result] += 1
         for observer in self._observers:
             observer(record)
-        fields = record.fields()
         if record.outcome in (Outcome.OK, Outcome.HEALTH_CHECK):
-            self.log.info("session", **fields)
+            # Building the line costs more than the session's own Python
+            # code at thousands a second: skip it when info is filtered out.
+            if self.log.is_enabled_for(logging.INFO):
+                self.log.info("session", **record.fields())
         else:
-            self.log.warning("session", **fields)
+            self.log.warning("session", **record.fields())
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """Is ``exc`` a cancellation: ``Cancelled``, or a group of nothing else?"""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_cancelled(inner) for inner in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 #: The ``reason`` labels of ``kumoproxy_refusals_total``.

@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import socket
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
+from prometheus_client.metrics import MetricWrapperBase
 
 from kumoproxy import egress
 from kumoproxy.config import Config, IPAddress
@@ -47,7 +48,7 @@ from kumoproxy.policy import (
 )
 from kumoproxy.proto import socks5
 from kumoproxy.proto.common import format_endpoint
-from kumoproxy.relay import Direction, RelayEnd, relay
+from kumoproxy.relay import Direction, PipePool, RelayEnd, relay
 from kumoproxy.throttle import AuthThrottle
 
 #: Bytes per handshake read. Clients pipeline the whole negotiation and the
@@ -56,7 +57,7 @@ from kumoproxy.throttle import AuthThrottle
 HANDSHAKE_READ_SIZE = 4096
 
 #: The ``end`` of a session cut by ``timeouts.session``.
-SESSION_LIFETIME_END = "lifetime"
+SESSION_LIFETIME_END = str(RelayEnd.LIFETIME)
 
 #: Deadline for writing a failure reply before we close anyway: a peer that
 #: does not read must not hold the session open.
@@ -128,6 +129,31 @@ class SessionRecord:
         return out
 
 
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class MetricChildren:
+    """Labelled metric children, each looked up in prometheus_client once.
+
+    ``metric.labels(...)`` takes a lock and builds tuples on every call; a
+    session makes about ten such calls. Label values are bounded (see
+    :mod:`kumoproxy.metrics`), and so is this cache. Values are anything
+    whose ``str`` is the label (an IP address, a listener, a word).
+    """
+
+    __slots__ = ("_children",)
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def __call__(self, metric: M, *values: object) -> M:
+        key = (metric, *values)
+        child: M | None = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*map(str, values))
+        return child
+
+
 @dataclass(slots=True)
 class SessionContext:
     """What a session needs from the service, passed in (never global).
@@ -144,6 +170,8 @@ class SessionContext:
     limits: LimitTracker
     metrics: Metrics
     handshakes: HandshakeTracker
+    children: MetricChildren
+    pipes: PipePool | None  # for splice; None where the platform has none
 
 
 def source_label(record: SessionRecord) -> str:
@@ -207,20 +235,22 @@ async def _resolve(
 class _EgressSlot:
     """One ``per_source``/``per_source_destination`` slot, released exactly once."""
 
+    __slots__ = ("_ctx", "_destination", "_held", "_source")
+
     def __init__(self, ctx: SessionContext, source: IPAddress, destination: IPAddress) -> None:
         self._ctx, self._source, self._destination = ctx, source, destination
         self._held = True
-        ctx.metrics.source_connections_active.labels(str(source)).inc()
+        ctx.children(ctx.metrics.source_connections_active, source).inc()
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._ctx.limits.release_egress(self._source, self._destination)
-            self._ctx.metrics.source_connections_active.labels(str(self._source)).dec()
+            ctx = self._ctx
+            ctx.limits.release_egress(self._source, self._destination)
+            ctx.children(ctx.metrics.source_connections_active, self._source).dec()
 
 
-@asynccontextmanager
-async def open_upstream(
+def open_upstream(
     ctx: SessionContext,
     record: SessionRecord,
     *,
@@ -228,20 +258,60 @@ async def open_upstream(
     port: int,
     source: IPAddress | None,
     bound: egress.BoundSocket | None,
-) -> AsyncIterator[trio.SocketStream]:
+) -> Upstream:
     """The outbound connection, with its egress slot held until it closes.
 
     Resolves once, checks policy on what resolved, and connects, all under
     ``timeouts.connect``. The address that passed the policy check is the one
     connected to: there is no second resolution between check and use.
+    Use as ``async with open_upstream(...) as stream``.
     """
-    stream, slot = await _connect(ctx, record, host=host, port=port, source=source, bound=bound)
-    try:
-        async with stream:
-            yield stream
-    finally:
-        if slot is not None:
-            slot.release()
+    return Upstream(ctx, record, host, port, source, bound)
+
+
+class Upstream:
+    """:func:`open_upstream`'s context manager.
+
+    A class rather than an ``@asynccontextmanager``: that one keeps an async
+    generator and its frame alive for the whole relay, about 500 bytes per
+    idle session.
+    """
+
+    __slots__ = ("_bound", "_ctx", "_host", "_port", "_record", "_slot", "_source", "_stream")
+
+    def __init__(
+        self,
+        ctx: SessionContext,
+        record: SessionRecord,
+        host: socks5.Host,
+        port: int,
+        source: IPAddress | None,
+        bound: egress.BoundSocket | None,
+    ) -> None:
+        self._ctx, self._record, self._host, self._port = ctx, record, host, port
+        self._source, self._bound = source, bound
+        self._stream: trio.SocketStream | None = None
+        self._slot: _EgressSlot | None = None
+
+    async def __aenter__(self) -> trio.SocketStream:
+        bound, self._bound = self._bound, None  # _connect owns it now
+        self._stream, self._slot = await _connect(
+            self._ctx,
+            self._record,
+            host=self._host,
+            port=self._port,
+            source=self._source,
+            bound=bound,
+        )
+        return self._stream
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Closing a socket needs no await (and no checkpoint that a
+        # cancellation could interrupt before the slot is released).
+        if self._stream is not None:
+            self._stream.socket.close()
+        if self._slot is not None:
+            self._slot.release()
 
 
 async def _connect(
@@ -292,7 +362,7 @@ async def _connect(
     finally:
         record.connect_seconds = trio.current_time() - started
         if record.source_ip is not None:
-            ctx.metrics.connect_seconds.labels(str(record.source_ip)).observe(
+            ctx.children(ctx.metrics.connect_seconds, record.source_ip).observe(
                 record.connect_seconds
             )
         if bound is not None:
@@ -325,6 +395,26 @@ async def _allowed_addresses(
     return allowed
 
 
+class _Counter:
+    """Counts relayed bytes into the record and ``kumoproxy_bytes_total`` as they move."""
+
+    __slots__ = ("_down", "_record", "_up")
+
+    def __init__(self, ctx: SessionContext, record: SessionRecord) -> None:
+        label = source_label(record)
+        self._record = record
+        self._up = ctx.children(ctx.metrics.bytes, label, Direction.UP)
+        self._down = ctx.children(ctx.metrics.bytes, label, Direction.DOWN)
+
+    def __call__(self, direction: Direction, size: int) -> None:
+        if direction is Direction.UP:
+            self._record.bytes_up += size
+            self._up.inc(size)
+        else:
+            self._record.bytes_down += size
+            self._down.inc(size)
+
+
 async def relay_session(
     ctx: SessionContext,
     record: SessionRecord,
@@ -337,35 +427,20 @@ async def relay_session(
     Bytes are counted as they move (the record and ``kumoproxy_bytes_total``),
     not only when the session ends.
     """
-    label = source_label(record)
-    counters = {
-        Direction.UP: ctx.metrics.bytes.labels(label, "up"),
-        Direction.DOWN: ctx.metrics.bytes.labels(label, "down"),
-    }
-
-    def count(direction: Direction, size: int) -> None:
-        if direction is Direction.UP:
-            record.bytes_up += size
-        else:
-            record.bytes_down += size
-        counters[direction].inc(size)
-
     record.outcome = Outcome.OK
-    with trio.move_on_after(ctx.config.timeouts.session) as lifetime:
-        try:
-            if pipelined:
-                await upstream.send_all(pipelined)
-                count(Direction.UP, len(pipelined))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            record.reason = str(RelayEnd.RESET)
-            return
-        result = await relay(
-            client, upstream, idle_timeout=ctx.config.timeouts.idle, on_bytes=count
-        )
-        record.reason = str(result.end)
-    if lifetime.cancelled_caught:
-        record.reason = SESSION_LIFETIME_END
-        record.detail = f"session reached timeouts.session ({ctx.config.timeouts.session:g}s)"
+    timeouts = ctx.config.timeouts
+    result = await relay(
+        client,
+        upstream,
+        idle_timeout=timeouts.idle,
+        end_at=trio.current_time() + timeouts.session,
+        pipelined=pipelined,
+        on_bytes=_Counter(ctx, record),
+        pipes=ctx.pipes,
+    )
+    record.reason = str(result.end)
+    if result.end is RelayEnd.LIFETIME:
+        record.detail = f"session reached timeouts.session ({timeouts.session:g}s)"
 
 
 def handshake_deadline(ctx: SessionContext, record: SessionRecord) -> float:
@@ -389,16 +464,20 @@ def handshake_phase(ctx: SessionContext, record: SessionRecord) -> Iterator[Hand
     connection when ``limits.handshakes`` negotiations were in progress).
     """
     phase = HandshakePhase()
-    with (
-        ctx.handshakes.track() as eviction,
-        trio.move_on_at(handshake_deadline(ctx, record)) as deadline,
-    ):
+    deadline = handshake_deadline(ctx, record)
+    # One cancel scope for both ways to be cut: the tracker's, carrying the
+    # deadline too. Cut before the deadline means evicted.
+    with ctx.handshakes.track() as scope:
+        scope.deadline = deadline
         yield phase
         phase.completed = True
+    now = trio.current_time()
     if phase.completed:
-        record.handshake_seconds = trio.current_time() - record.started_at
-        ctx.metrics.handshake_seconds.labels(record.listener).observe(record.handshake_seconds)
-    elif eviction.cancelled_caught:
+        record.handshake_seconds = now - record.started_at
+        ctx.children(ctx.metrics.handshake_seconds, record.listener).observe(
+            record.handshake_seconds
+        )
+    elif now < deadline:
         record.outcome = Outcome.REFUSED
         record.reason = str(RefusalReason.LIMIT)
         record.detail = (
@@ -406,7 +485,7 @@ def handshake_phase(ctx: SessionContext, record: SessionRecord) -> Iterator[Hand
             "(limits.handshakes)"
         )
         ctx.metrics.limit_refusals.labels(str(LimitKind.HANDSHAKES)).inc()
-    elif deadline.cancelled_caught:
+    else:
         record.outcome = Outcome.TIMEOUT
         record.reason = str(RefusalReason.PROTOCOL)
         record.detail = f"handshake not finished within {ctx.config.timeouts.handshake:g}s"

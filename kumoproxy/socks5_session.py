@@ -20,6 +20,7 @@ from kumoproxy.errors import EgressError, RemoteProtocolError
 from kumoproxy.policy import Refusal, RefusalReason, select_source
 from kumoproxy.proto import socks5
 from kumoproxy.proto.common import format_endpoint
+from kumoproxy.relay import receive_some, send_all
 from kumoproxy.session import (
     HANDSHAKE_READ_SIZE,
     REFUSAL_WRITE_TIMEOUT,
@@ -49,12 +50,12 @@ class _Socks5Conn:
             event = self.machine.next_event()
             if not isinstance(event, socks5.NeedData):
                 return event
-            self.machine.receive_data(bytes(await self.stream.receive_some(HANDSHAKE_READ_SIZE)))
+            self.machine.receive_data(bytes(await receive_some(self.stream, HANDSHAKE_READ_SIZE)))
 
     async def send(
         self, event: socks5.MethodSelection | socks5.AuthResult | socks5.ReplyEvent
     ) -> None:
-        await self.stream.send_all(self.machine.send(event))
+        await send_all(self.stream, self.machine.send(event))
 
 
 def _choose_method(config: Config, offered: tuple[int, ...]) -> socks5.Method:
