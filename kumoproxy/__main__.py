@@ -161,7 +161,8 @@ async def _reload(
         config = await trio.to_thread.run_sync(_load, path)
         ignored = service.reload(config)
     except (ConfigErrors, KumoproxyError) as exc:
-        service.metrics.config_reloads.labels("error").inc()
+        assert service.control is not None  # the single process owns its control metrics
+        service.control.config_reloads.labels("error").inc()
         errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
         log.error("reload refused, old config stays", errors=[str(e) for e in errors])
         return

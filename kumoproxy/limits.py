@@ -14,6 +14,11 @@ released exactly once; the shell does that in ``finally`` blocks so no slot
 leaks when a session ends by error, timeout or cancellation. Limits can be
 replaced at any time (SIGHUP reload): counts carry over, and a lowered limit
 refuses new slots until enough old ones are released.
+
+:class:`Limiter` is what sessions use. :class:`LimitTracker` keeps the
+counts in this process; with ``workers`` > 1 each worker process uses a
+:class:`kumoproxy.shared_limits.SharedLimitTracker` instead, so the limits
+hold in total across workers.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from collections.abc import Hashable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from kumoproxy.config import IPAddress, LimitsConfig
 
@@ -36,6 +41,26 @@ class LimitKind(enum.StrEnum):
     PER_SOURCE = "per_source"
     PER_SOURCE_DESTINATION = "per_source_destination"
     HANDSHAKES = "handshakes"  # enforced by eviction, see kumoproxy.handshakes
+
+
+class Limiter(Protocol):
+    """Slot accounting as sessions see it: admit, release, look up."""
+
+    limits: LimitsConfig
+
+    def admit_session(self, client: IPAddress) -> LimitKind | None: ...
+
+    def release_session(self, client: IPAddress) -> None: ...
+
+    def admit_egress(self, source: IPAddress, destination: IPAddress) -> LimitKind | None: ...
+
+    def release_egress(self, source: IPAddress, destination: IPAddress) -> None: ...
+
+    def source_connections(self, source: IPAddress) -> int: ...
+
+    def client_sessions(self, client: IPAddress) -> int: ...
+
+    def limit_value(self, kind: LimitKind) -> int: ...
 
 
 class LimitTracker:

@@ -10,6 +10,8 @@ client typed never becomes a label.
 
 from __future__ import annotations
 
+from typing import Final
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: Connect and handshake times on loopback are sub-millisecond; to a real MX
@@ -22,8 +24,20 @@ LATENCY_BUCKETS = (
 OTHER_SOURCE = "other"
 
 
+#: How a gauge's values from several worker processes add up (prometheus
+#: multiprocess mode): the live processes' values summed, a dead worker's
+#: dropped when the supervisor marks it dead.
+LIVESUM: Final = "livesum"
+
+
 class Metrics:
-    """Every metric kumoproxy exports, registered in ``registry``."""
+    """The metrics of sessions, registered in ``registry``.
+
+    Each process that runs sessions has one: the single process, or every
+    worker (where prometheus_client's multiprocess mode writes them to files
+    the supervisor sums into one /metrics view). The service-level ones are
+    in :class:`ControlMetrics`, owned by whichever process handles signals.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -32,12 +46,14 @@ class Metrics:
             "Client sessions open now, by listener.",
             ["listener"],
             registry=registry,
+            multiprocess_mode=LIVESUM,
         )
         self.source_connections_active = Gauge(
             "kumoproxy_source_connections_active",
             "Outbound connections open now (connecting or relaying), by source IP.",
             ["source"],
             registry=registry,
+            multiprocess_mode=LIVESUM,
         )
         self.source_connections = Counter(
             "kumoproxy_source_connections",
@@ -87,6 +103,7 @@ class Metrics:
             "kumoproxy_handshakes_active",
             "Sessions still negotiating (the slow-loris exposure).",
             registry=registry,
+            multiprocess_mode=LIVESUM,
         )
         self.accept_errors = Counter(
             "kumoproxy_accept_errors",
@@ -94,6 +111,16 @@ class Metrics:
             ["listener", "error"],
             registry=registry,
         )
+
+
+class ControlMetrics:
+    """Service-level metrics: reloads, drain, and (with ``workers`` > 1) the workers.
+
+    Owned by the process that handles signals: the single process, or the
+    supervisor, which never runs sessions itself.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.config_reloads = Counter(
             "kumoproxy_config_reloads",
             "Configuration reloads (SIGHUP), by result.",
@@ -108,5 +135,15 @@ class Metrics:
         self.draining = Gauge(
             "kumoproxy_draining",
             "1 while the service drains after SIGTERM/SIGINT, else 0.",
+            registry=registry,
+        )
+        self.workers_running = Gauge(
+            "kumoproxy_workers_running",
+            "Worker processes running now (0 without workers: one process serves).",
+            registry=registry,
+        )
+        self.worker_exits = Counter(
+            "kumoproxy_worker_exits",
+            "Worker processes that ended while they should have been serving (restarted).",
             registry=registry,
         )

@@ -30,8 +30,8 @@ from kumoproxy.admin import AdminState, serve_admin
 from kumoproxy.config import Config, IPAddress, ListenerConfig
 from kumoproxy.errors import KumoproxyError
 from kumoproxy.handshakes import HandshakeTracker
-from kumoproxy.limits import LimitTracker
-from kumoproxy.metrics import Metrics
+from kumoproxy.limits import Limiter, LimitTracker
+from kumoproxy.metrics import ControlMetrics, Metrics
 from kumoproxy.passwords import PasswordVerifier
 from kumoproxy.policy import RefusalReason, check_client, unmap
 from kumoproxy.proto.common import format_endpoint
@@ -157,6 +157,25 @@ async def open_listeners(config: Config) -> Bound:
     return opened
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """What makes a service one of ``workers`` processes (see kumoproxy.workers).
+
+    A worker shares its limits with the others, gets its share of
+    ``limits.handshakes``, and leaves the admin listener and the control
+    metrics (reloads, drain) to the supervisor.
+    """
+
+    index: int
+    workers: int
+    limits: Limiter
+
+
+def handshake_share(limit: int, workers: int) -> int:
+    """A worker's part of ``limits.handshakes``: the parts never add up to more."""
+    return max(1, limit // workers)
+
+
 class Service:
     """The running proxy. ``serve`` runs it; ``drain`` asks it to stop; ``reload`` swaps config."""
 
@@ -169,13 +188,16 @@ class Service:
         observers: tuple[SessionObserver, ...] = (),
         registry: CollectorRegistry | None = None,
         wall_clock: Callable[[], float] = time.time,
+        worker: WorkerRole | None = None,
     ) -> None:
         self.config = config
         self.log = logger if logger is not None else structlog.get_logger("kumoproxy")
-        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
-        self.limits = LimitTracker(config.limits)
-        self.handshakes = HandshakeTracker(config.limits.handshakes)
-        self.metrics.handshakes_active.set_function(lambda: len(self.handshakes))
+        registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(registry)
+        self.control = ControlMetrics(registry) if worker is None else None
+        self.worker = worker
+        self.limits: Limiter = LimitTracker(config.limits) if worker is None else worker.limits
+        self.handshakes = HandshakeTracker(self._handshake_limit(config))
         self._resolver = resolver
         self._passwords = PasswordVerifier()
         self._auth_throttle = AuthThrottle()
@@ -183,7 +205,8 @@ class Service:
         # Loaded up front: a bad certificate must stop start-up with one clear
         # line, not fail every client later.
         self._tls_contexts = _tls_contexts(config)
-        self.metrics.config_loaded.set(wall_clock())
+        if self.control is not None:
+            self.control.config_loaded.set(wall_clock())
         self._observers = observers
         self._children = MetricChildren()
         self._pipes = PipePool() if SPLICE_AVAILABLE else None
@@ -200,7 +223,8 @@ class Service:
     def drain(self) -> None:
         """Stop accepting; running sessions get ``timeouts.drain`` to finish."""
         self.draining = True
-        self.metrics.draining.set(1)
+        if self.control is not None:
+            self.control.draining.set(1)
         self._drain_requested.set()
 
     def reload(self, config: Config) -> list[str]:
@@ -221,10 +245,15 @@ class Service:
         self._context = self._session_context()
         self._tls_contexts = tls_contexts
         self.limits.limits = config.limits
-        self.handshakes.limit = config.limits.handshakes
-        self.metrics.config_reloads.labels("ok").inc()
-        self.metrics.config_loaded.set(self._wall_clock())
+        self.handshakes.limit = self._handshake_limit(config)
+        if self.control is not None:
+            self.control.config_reloads.labels("ok").inc()
+            self.control.config_loaded.set(self._wall_clock())
         return ignored
+
+    def _handshake_limit(self, config: Config) -> int:
+        limit = config.limits.handshakes
+        return limit if self.worker is None else handshake_share(limit, self.worker.workers)
 
     def admin_state(self) -> AdminState:
         """What /readyz reports right now; /sources is built only when asked."""

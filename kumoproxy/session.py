@@ -37,7 +37,7 @@ from kumoproxy.errors import (
     ResolveError,
 )
 from kumoproxy.handshakes import HandshakeTracker
-from kumoproxy.limits import LimitKind, LimitTracker
+from kumoproxy.limits import Limiter, LimitKind
 from kumoproxy.metrics import OTHER_SOURCE, Metrics
 from kumoproxy.passwords import PasswordVerifier
 from kumoproxy.policy import (
@@ -167,7 +167,7 @@ class SessionContext:
     resolver: egress.Resolver
     passwords: PasswordVerifier
     auth_throttle: AuthThrottle
-    limits: LimitTracker
+    limits: Limiter
     metrics: Metrics
     handshakes: HandshakeTracker
     children: MetricChildren
@@ -467,10 +467,17 @@ def handshake_phase(ctx: SessionContext, record: SessionRecord) -> Iterator[Hand
     deadline = handshake_deadline(ctx, record)
     # One cancel scope for both ways to be cut: the tracker's, carrying the
     # deadline too. Cut before the deadline means evicted.
-    with ctx.handshakes.track() as scope:
-        scope.deadline = deadline
-        yield phase
-        phase.completed = True
+    # Counted here rather than read from the tracker on scrape: a worker's
+    # gauge must live in prometheus' multiprocess files to be summed.
+    negotiating = ctx.metrics.handshakes_active
+    negotiating.inc()
+    try:
+        with ctx.handshakes.track() as scope:
+            scope.deadline = deadline
+            yield phase
+            phase.completed = True
+    finally:
+        negotiating.dec()
     now = trio.current_time()
     if phase.completed:
         record.handshake_seconds = now - record.started_at

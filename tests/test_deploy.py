@@ -27,7 +27,7 @@ from kumoproxy.__main__ import _parser
 from kumoproxy.admin import ROUTES
 from kumoproxy.config import LimitsConfig, TimeoutsConfig
 from kumoproxy.limits import LimitKind
-from kumoproxy.metrics import Metrics
+from kumoproxy.metrics import ControlMetrics, Metrics
 from kumoproxy.policy import RefusalReason
 from kumoproxy.relay import Direction, RelayEnd
 from kumoproxy.server import ACCEPT_CAPACITY_ERRNOS, DRAIN_END, LISTEN_BACKLOG, SOURCE_RESULTS
@@ -79,14 +79,14 @@ class Exported:
 
 
 def exported_metrics() -> dict[str, Exported]:
-    """Every metric of :class:`kumoproxy.metrics.Metrics`, keyed by exposed name."""
+    """Every metric of :mod:`kumoproxy.metrics`' two classes, keyed by exposed name."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
     labels_by_family: dict[str, tuple[str, ...]] = {}
-    for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            for family in value.describe():
-                labels_by_family[family.name] = tuple(value._labelnames)
+    for metrics in (Metrics(registry), ControlMetrics(registry)):
+        for value in vars(metrics).values():
+            if isinstance(value, MetricWrapperBase):
+                for family in value.describe():
+                    labels_by_family[family.name] = tuple(value._labelnames)
     out: dict[str, Exported] = {}
     for family in registry.collect():
         name = family.name + "_total" if family.type == "counter" else family.name
