@@ -48,6 +48,11 @@ class Limiter(Protocol):
 
     limits: LimitsConfig
 
+    @property
+    def sessions(self) -> int:
+        """Sessions holding a slot now."""
+        ...
+
     def admit_session(self, client: IPAddress) -> LimitKind | None: ...
 
     def release_session(self, client: IPAddress) -> None: ...
