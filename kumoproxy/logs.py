@@ -32,6 +32,9 @@ def configure_logging(config: LogConfig, *, stream: TextIO | None = None) -> Non
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[config.level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        # One write() per line: with workers several processes share stderr,
+        # and print() writes the line and its newline separately, so lines
+        # could interleave mid-way.
+        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
