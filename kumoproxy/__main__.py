@@ -13,6 +13,7 @@ import getpass
 import resource
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,13 +28,22 @@ from kumoproxy.config import (
     config_to_data,
     embedded_default,
     load_config,
+    parse_config,
 )
 from kumoproxy.errors import KumoproxyError
 from kumoproxy.logs import configure_logging
 from kumoproxy.passwords import hash_password
 from kumoproxy.proto.common import format_endpoint
 from kumoproxy.server import Bound, Service, open_listeners
+from kumoproxy.supervisor import (
+    ConfigSource,
+    Supervisor,
+    admin_address,
+    listener_addresses,
+    open_supervisor,
+)
 from kumoproxy.tls import TlsSetupError, server_context
+from kumoproxy.worker import WorkerArgs, run_worker
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -55,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     hash_cmd = commands.add_parser(
         "hash-password", help="hash a password for auth.users[].password_hash"
     )
+    # Started by the supervisor when workers > 1, never by hand: not listed.
+    worker = commands.add_parser("worker")
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--workers", type=int, required=True)
+    worker.add_argument("--control-fd", type=int, required=True)
+    worker.add_argument("--listen-fds", required=True)
+    worker.add_argument("--limits-table", type=Path, required=True)
     for sub in (serve, check, sources, hash_cmd):
         sub.add_argument("--version", action="version", version=f"kumoproxy {__version__}")
     return parser
@@ -153,6 +170,86 @@ async def _serve(config: Config, path: Path | None) -> None:
                     service.drain()
 
 
+async def _supervise(config: Config, path: Path | None) -> None:
+    """``workers`` > 1: this process supervises; the workers serve."""
+    log = structlog.get_logger("kumoproxy").bind(role="supervisor")
+    source = ConfigSource(path)
+    # The workers parse this very text: parse it here too, so what the
+    # supervisor checked is what they run even if the file just changed.
+    text, origin, embedded = source.read()
+    config = parse_config(text, origin=origin, embedded=embedded)
+    supervisor = await open_supervisor(config, source, logger=log, wall_clock=time.time)
+    try:
+        await _supervise_until_stopped(supervisor, config, text, embedded, log)
+    except BaseExceptionGroup as group:
+        # A worker that cannot start arrives wrapped by the nursery; say it
+        # in one line like any other start-up error.
+        failure = _sole_error(group)
+        if failure is None:
+            raise
+        raise failure from None
+    finally:
+        supervisor.table.close()
+        supervisor.runtime.remove()
+    log.info("stopped")
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> KumoproxyError | None:
+    """The one KumoproxyError a group holds (however nested), if that is all it holds."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], KumoproxyError):
+        return leaves[0]
+    return None
+
+
+async def _supervise_until_stopped(
+    supervisor: Supervisor,
+    config: Config,
+    text: str,
+    embedded: bool,
+    log: structlog.typing.FilteringBoundLogger,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_then_stop(task_status: trio.TaskStatus[None]) -> None:
+                await supervisor.run(text, embedded, task_status=task_status)
+                nursery.cancel_scope.cancel()  # every worker has exited
+
+            await nursery.start(run_then_stop)
+            admin = admin_address(supervisor)
+            log.info(
+                "listening",
+                version=__version__,
+                config=config.origin,
+                listeners=[
+                    f"{protocol}://{format_endpoint(host, port)}"
+                    for protocol, host, port in listener_addresses(supervisor)
+                ],
+                admin=f"http://{format_endpoint(*admin)}" if admin is not None else None,
+                sources=len(config.sources),
+                workers=config.workers,
+                runtime=str(supervisor.runtime.path),
+                nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await supervisor.reload()
+                elif supervisor.draining:
+                    log.warning("second stop signal: closing every session now")
+                    supervisor.stop()
+                else:
+                    log.info("stop signal: draining", signal=signal.Signals(signum).name)
+                    supervisor.drain()
+
+
 async def _reload(
     service: Service, path: Path | None, log: structlog.typing.FilteringBoundLogger
 ) -> None:
@@ -187,9 +284,25 @@ def cmd_serve(config: Config, path: Path | None) -> int:
     configure_logging(config.log)
     raise_file_limit()
     try:
-        trio.run(_serve, config, path)
+        if config.workers > 1:
+            trio.run(_supervise, config, path)
+        else:
+            trio.run(_serve, config, path)
     except KumoproxyError as exc:  # cannot listen, cannot load a certificate
         return _fail(str(exc))
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    run_worker(
+        WorkerArgs(
+            index=args.index,
+            workers=args.workers,
+            control_fd=args.control_fd,
+            listen_fds=tuple(int(fd) for fd in args.listen_fds.split(",") if fd),
+            limits_table=args.limits_table,
+        )
+    )
     return EXIT_OK
 
 
@@ -205,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_sources(_load(args.config))
             case "serve":
                 return cmd_serve(_load(args.config), args.config)
+            case "worker":
+                return cmd_worker(args)
     except ConfigErrors as exc:
         for error in exc.errors:
             print(f"kumoproxy: config: {error}", file=sys.stderr)

@@ -19,6 +19,7 @@ Two flavours of defaults exist, on purpose:
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -197,6 +198,9 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    #: Processes that serve sessions: 1 serves in the main process; more
+    #: start a supervisor and that many workers (kumoproxy.workers).
+    workers: int = 1
     origin: str = "<embedded default>"
 
     def sorted_sources(self) -> list[IPAddress]:
@@ -231,7 +235,20 @@ _TOP_KEYS = (
     "limits",
     "timeouts",
     "log",
+    "workers",
 )
+
+#: Worker processes at most: past the core count they only add memory.
+MAX_WORKERS = 64
+
+
+def _workers(value: Any) -> int:
+    """``workers``: a count, or ``auto`` for the CPUs this process may run on."""
+    if value == "auto":
+        return min(MAX_WORKERS, len(os.sched_getaffinity(0)))
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    raise ValueError(f"1 to {MAX_WORKERS}")
 
 
 def _listeners(r: Reader, value: Any) -> tuple[ListenerConfig, ...]:
@@ -464,6 +481,9 @@ def _build(data: Any, lines: Mapping[str, int], *, embedded: bool, origin: str) 
     limits = read_section(r, top.get("limits"), "limits", LimitsConfig(), _LIMIT_KEYS)
     timeouts = read_section(r, top.get("timeouts"), "timeouts", TimeoutsConfig(), _TIMEOUT_KEYS)
     log = read_section(r, top.get("log"), "log", LogConfig(), _LOG_KEYS)
+    workers = 1
+    if top.get("workers") is not None:
+        workers = r.typed(top["workers"], "workers", _workers, '"auto" or a count') or 1
     if r.errors:
         raise ConfigErrors(r.errors)
     return Config(
@@ -477,6 +497,7 @@ def _build(data: Any, lines: Mapping[str, int], *, embedded: bool, origin: str) 
         limits=limits,
         timeouts=timeouts,
         log=log,
+        workers=workers,
         origin=origin,
     )
 
@@ -562,4 +583,5 @@ def config_to_data(config: Config) -> dict[str, Any]:
         "limits": fields_of(config.limits),
         "timeouts": {k: format_duration(v) for k, v in fields_of(config.timeouts).items()},
         "log": fields_of(config.log),
+        "workers": config.workers,
     }

@@ -98,23 +98,46 @@ class BoundListener:
         return ipaddress.ip_address(host), port
 
 
-async def _listen(host: IPAddress, port: int, label: str) -> trio.SocketListener:
-    """A listening socket; IPv6 ones are IPv6-only (no surprise dual-stack)."""
+async def bind_listening_socket(
+    host: IPAddress, port: int, label: str, *, reuse_port: bool = False
+) -> trio.socket.SocketType:
+    """A socket bound for listening, not yet listening; IPv6 ones are IPv6-only.
+
+    ``reuse_port`` puts it in an SO_REUSEPORT group: the kernel spreads new
+    connections over the group's listening sockets, one per worker process.
+    """
     family = socket.AF_INET if host.version == 4 else socket.AF_INET6
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if OPTIONS_INHERITED:
             egress.set_keepalive(sock)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await sock.bind((str(host), port))
-        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {label}: {exc.strerror}") from exc
+    return sock
+
+
+def start_listening(sock: trio.socket.SocketType) -> trio.SocketListener:
+    """listen(2) on a bound socket (again, for one that already listens: harmless)."""
+    sock.listen(LISTEN_BACKLOG)
     return trio.SocketListener(sock)
+
+
+async def listen_on(host: IPAddress, port: int, label: str) -> trio.SocketListener:
+    """A listening socket on ``host:port``; raises :class:`ListenError`."""
+    sock = await bind_listening_socket(host, port, label)
+    try:
+        return start_listening(sock)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {label}: {exc.strerror}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +166,13 @@ async def open_listeners(config: Config) -> Bound:
     opened = Bound([])
     try:
         for listener_config in config.listeners:
-            listener = await _listen(
+            listener = await listen_on(
                 listener_config.host, listener_config.port, listener_config.listen
             )
             opened.listeners.append(BoundListener(listener_config, listener))
         admin = config.admin
         if admin.host is not None and admin.listen is not None:
-            admin_listener = await _listen(admin.host, admin.port, f"admin {admin.listen}")
+            admin_listener = await listen_on(admin.host, admin.port, f"admin {admin.listen}")
             opened = Bound(opened.listeners, admin_listener)
     except BaseException:
         await opened.aclose()
@@ -490,6 +513,12 @@ SOURCE_RESULTS = {
 
 class ReloadError(KumoproxyError):
     """A new configuration cannot be applied without a restart."""
+
+
+def validate_reload(old: Config, new: Config) -> None:
+    """Raise unless ``new`` can replace ``old`` live: TLS kept as it was, certificates load."""
+    _check_tls_unchanged(old, new)
+    _tls_contexts(new)
 
 
 def _check_tls_unchanged(old: Config, new: Config) -> None:

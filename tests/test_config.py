@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import textwrap
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from kumoproxy import policy
 from kumoproxy.config import (
     DEFAULT_DENY,
     MAX_SOURCE_NETWORK_ADDRESSES,
+    MAX_WORKERS,
     AdminConfig,
     Config,
     ConfigErrors,
@@ -584,3 +586,32 @@ def test_load_config_on_a_missing_file_gives_one_error(tmp_path: Path) -> None:
     [error] = info.value.errors
     assert error.message.startswith(f"cannot read {path}")
     assert "No such file" in error.message
+
+
+# ---------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------
+
+
+def test_workers_default_to_one_process() -> None:
+    assert parse_config(minimal()).workers == 1
+    assert embedded_default().workers == 1
+
+
+def test_workers_auto_is_the_cpus_this_process_may_use() -> None:
+    assert parse_config(minimal("workers: auto\n")).workers == min(
+        MAX_WORKERS, len(os.sched_getaffinity(0))
+    )
+    assert parse_config(minimal("workers: 4\n")).workers == 4
+
+
+@pytest.mark.parametrize("value", ["0", "65", "-1", "true", "two", "1.5"])
+def test_workers_outside_1_to_64_or_auto_is_an_error(value: str) -> None:
+    error = only_error(minimal(f"workers: {value}\n"))
+    assert error.path == "workers"
+    assert '"auto" or a count' in str(error)
+    assert "1 to 64" in str(error)
+
+
+def test_check_config_shows_the_workers_in_effect() -> None:
+    assert config_to_data(parse_config(minimal("workers: 3\n")))["workers"] == 3

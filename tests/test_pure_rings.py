@@ -20,6 +20,7 @@ PURE_MODULES = [
     "kumoproxy.proto.proxy_protocol",
     "kumoproxy.proto.crc32c",
     "kumoproxy.proto.common",
+    "kumoproxy.proto.control",
     "kumoproxy.policy",
     "kumoproxy.limits",
     "mta_client.proto.smtp",

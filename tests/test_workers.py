@@ -1,0 +1,385 @@
+"""``workers: 2``: a supervisor and two worker processes, driven as operators do.
+
+Each test runs the real ``kumoproxy serve`` (which starts the real workers)
+and real SOCKS5 sessions to a loopback target. The kernel spreads
+connections over the workers' SO_REUSEPORT sockets by a hash of the
+addresses, so the tests open enough sessions that both workers serve some
+(asserted from the ``worker`` field of the session log lines), and then
+check that limits, metrics and reloads hold over the two together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from kumoproxy.config import IPAddress
+from kumoproxy.proto import socks5
+from tests.netkit import (
+    connect,
+    read_replies,
+    read_to_eof,
+    read_until,
+    socks5_bind_connect_bytes,
+    target_server,
+)
+from tests.process import ServeProcess, serve_process
+from tests.test_operations import http_get
+from tests.test_process_operations import metric
+
+IP = ipaddress.ip_address
+SOURCE = IP("127.0.0.2")
+#: Sessions per check: with two workers, the chance that all of them land
+#: on one worker is 2 / 2**SESSIONS.
+SESSIONS = 16
+
+
+def config_text(*, sources: str = "[127.0.0.2]", extra: str = "") -> str:
+    return f"""
+workers: 2
+listeners:
+  - listen: "127.0.0.1:0"
+    protocol: socks5
+admin:
+  listen: "127.0.0.1:0"
+sources: {sources}
+clients:
+  allow: [127.0.0.0/8]
+destinations:
+  ports: any
+  allow: [127.0.0.0/8]
+timeouts:
+  drain: 10s
+{extra}"""
+
+
+async def open_session(
+    proxy: ServeProcess, source: IPAddress, target: tuple[IPAddress, int]
+) -> tuple[trio.SocketStream, socks5.Socks5Client, socks5.ReplyEvent]:
+    """KumoMTA's BIND-then-CONNECT, pipelined; returns the CONNECT reply."""
+    client, data = socks5_bind_connect_bytes(source, socks5.Endpoint(*target))
+    stream = await connect(proxy.listeners["socks5"])
+    await stream.send_all(data)
+    events = await read_replies(stream, client, 3)
+    reply = events[-1]
+    assert isinstance(reply, socks5.ReplyEvent), events
+    return stream, client, reply
+
+
+#: Seconds any one awaited log line or process exit may take.
+WAIT = 20.0
+
+
+async def next_event(proxy: ServeProcess, event: str) -> dict[str, Any]:
+    with trio.fail_after(WAIT):
+        return await proxy.next_event(event)
+
+
+async def session_lines(proxy: ServeProcess, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` session log lines (one per session, at its end)."""
+    return [await next_event(proxy, "session") for _ in range(count)]
+
+
+def worker_pids(proxy: ServeProcess) -> dict[int, int]:
+    """Worker index -> pid, from the "worker ready" lines read so far (latest wins).
+
+    The supervisor logs "listening" only once every worker is ready, so at
+    start both lines are already read.
+    """
+    return {line["worker"]: line["pid"] for line in proxy.lines if line["event"] == "worker ready"}
+
+
+async def wait_for_exit(pid: int) -> None:
+    """Wait until process ``pid`` (not our child) has exited, via a pidfd."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+async def test_sessions_spread_over_both_workers_and_metrics_add_up(tmp_path: Path) -> None:
+    async with serve_process(config_text(), tmp_path) as proxy, target_server() as target:
+        assert proxy.admin is not None
+        pids = worker_pids(proxy)
+        for number in range(SESSIONS):
+            stream, client, _ = await open_session(proxy, SOURCE, target.address)
+            await stream.send_all(f"session {number}\r\n".encode())
+            await stream.send_eof()
+            await read_to_eof(stream, client.trailing_data)
+            await stream.aclose()
+        lines = await session_lines(proxy, SESSIONS)
+        ok = await metric(
+            proxy, 'kumoproxy_source_connections_total{result="ok",source="127.0.0.2"}'
+        )
+        running = await metric(proxy, "kumoproxy_workers_running")
+        active = await metric(proxy, 'kumoproxy_sessions_active{listener="127.0.0.1:0"}')
+        bytes_up = await metric(proxy, 'kumoproxy_bytes_total{direction="up",source="127.0.0.2"}')
+        status, body = await http_get(proxy.admin, "/sources")
+        ready = await http_get(proxy.admin, "/readyz")
+    by_worker = Counter(line["worker"] for line in lines)
+    assert set(by_worker) == {0, 1}, by_worker
+    assert sorted(pids) == [0, 1]
+    assert len(set(pids.values())) == 2
+    assert ok == SESSIONS
+    assert bytes_up == sum(line["bytes_up"] for line in lines)
+    assert running == 2
+    assert active == 0
+    assert ready == (200, b"ready\n")
+    assert status == 200
+    assert b'"totals": {"ok": 16}' in body
+    assert b'"active": 0' in body
+
+
+async def test_per_source_destination_cap_holds_in_total_over_both_workers(
+    tmp_path: Path,
+) -> None:
+    cap = 3
+    extra = f"limits:\n  per_source_destination: {cap}\n"
+    async with (
+        serve_process(config_text(extra=extra), tmp_path) as proxy,
+        target_server() as target,
+    ):
+        assert proxy.admin is not None
+        held: list[trio.SocketStream] = []
+        replies = []
+        for _ in range(SESSIONS):
+            stream, _, reply = await open_session(proxy, SOURCE, target.address)
+            replies.append(reply.reply)
+            if reply.reply is socks5.Reply.SUCCEEDED:
+                held.append(stream)
+            else:
+                await stream.aclose()
+        refused_lines = await session_lines(proxy, SESSIONS - cap)
+        active = await metric(proxy, 'kumoproxy_source_connections_active{source="127.0.0.2"}')
+        refusals = await metric(
+            proxy, 'kumoproxy_limit_refusals_total{limit="per_source_destination"}'
+        )
+        _, sources = await http_get(proxy.admin, "/sources")
+        # A slot freed in either worker is free for both.
+        await held.pop().aclose()
+        await next_event(proxy, "session")
+        again, _, again_reply = await open_session(proxy, SOURCE, target.address)
+        over, _, over_reply = await open_session(proxy, SOURCE, target.address)
+        for stream in (*held, again, over):
+            await stream.aclose()
+    assert Counter(replies) == {
+        socks5.Reply.SUCCEEDED: cap,
+        socks5.Reply.NOT_ALLOWED: SESSIONS - cap,
+    }
+    # Refusals came from both workers: each one saw the other's slots.
+    assert {line["worker"] for line in refused_lines} == {0, 1}
+    assert all("per_source_destination limit (3)" in line["detail"] for line in refused_lines)
+    assert active == cap
+    assert refusals == SESSIONS - cap
+    assert b'"active": 3' in sources
+    assert again_reply.reply is socks5.Reply.SUCCEEDED
+    assert over_reply.reply is socks5.Reply.NOT_ALLOWED
+
+
+async def test_sighup_reaches_every_worker_and_counts_one_reload(tmp_path: Path) -> None:
+    new_source = IP("127.0.0.4")
+    async with serve_process(config_text(), tmp_path) as proxy, target_server() as target:
+        before, _, refused = await open_session(proxy, new_source, target.address)
+        await before.aclose()
+        await next_event(proxy, "session")
+        (tmp_path / "kumoproxy.yaml").write_text(config_text(sources="[127.0.0.2, 127.0.0.4]"))
+        proxy.signal(signal.SIGHUP)
+        reloaded = await next_event(proxy, "reloaded")
+        banners = []
+        for _ in range(SESSIONS):
+            stream, client, reply = await open_session(proxy, new_source, target.address)
+            assert reply.reply is socks5.Reply.SUCCEEDED
+            banners.append(await read_until(stream, b"\r\n", client.trailing_data))
+            await stream.aclose()
+        lines = await session_lines(proxy, SESSIONS)
+        # A broken file is refused by the supervisor; no worker sees it.
+        (tmp_path / "kumoproxy.yaml").write_text(config_text(extra="limits:\n  per_sorce: 3\n"))
+        proxy.signal(signal.SIGHUP)
+        refused_reload = await next_event(proxy, "reload refused, old config stays")
+        still, _, still_reply = await open_session(proxy, new_source, target.address)
+        await still.aclose()
+        reload_ok = await metric(proxy, 'kumoproxy_config_reloads_total{result="ok"}')
+        reload_error = await metric(proxy, 'kumoproxy_config_reloads_total{result="error"}')
+    assert refused.reply is socks5.Reply.NOT_ALLOWED
+    assert reloaded["sources"] == 2
+    assert all(banner.startswith(b"HELLO 127.0.0.4 ") for banner in banners)
+    assert {line["worker"] for line in lines} == {0, 1}
+    assert any("limits.per_sorce" in error for error in refused_reload["errors"])
+    assert still_reply.reply is socks5.Reply.SUCCEEDED
+    assert (reload_ok, reload_error) == (1.0, 1.0)
+
+
+async def test_a_killed_worker_is_restarted_and_its_limit_slots_are_freed(
+    tmp_path: Path,
+) -> None:
+    cap = 8
+    extra = f"limits:\n  per_source: {cap}\n"
+    async with (
+        serve_process(config_text(extra=extra), tmp_path) as proxy,
+        target_server() as target,
+    ):
+        assert proxy.admin is not None
+        pids = worker_pids(proxy)
+        held = []
+        for _ in range(cap):
+            stream, client, reply = await open_session(proxy, SOURCE, target.address)
+            assert reply.reply is socks5.Reply.SUCCEEDED
+            banner = await read_until(stream, b"\r\n", client.trailing_data)
+            held.append((stream, banner))
+        full, _, full_reply = await open_session(proxy, SOURCE, target.address)
+        await full.aclose()
+        await next_event(proxy, "session")
+
+        os.kill(pids[0], signal.SIGKILL)
+        exited = await next_event(proxy, "worker exited, restarting")
+        restarted = await next_event(proxy, "worker ready")
+        # Which held sessions died with worker 0? Ask each one to echo.
+        alive = 0
+        for stream, banner in held:
+            try:
+                await stream.send_all(b"ping\r\n")
+                answer = await read_until(stream, b"ping\r\n", banner)
+            except trio.BrokenResourceError:
+                answer = b""
+            alive += answer.endswith(b"ping\r\n")
+            await stream.aclose()
+        # Once the live ones have ended too, the whole cap is free again:
+        # none of the dead worker's slots leaked.
+        await session_lines(proxy, alive)
+        fresh = []
+        for _ in range(cap + 1):
+            stream, _, reply = await open_session(proxy, SOURCE, target.address)
+            fresh.append((stream, reply.reply))
+        for stream, _ in fresh:
+            await stream.aclose()
+        exits = await metric(proxy, "kumoproxy_worker_exits_total")
+        running = await metric(proxy, "kumoproxy_workers_running")
+    assert full_reply.reply is socks5.Reply.NOT_ALLOWED
+    assert exited["worker"] == 0
+    assert exited["status"] == -signal.SIGKILL
+    assert restarted["worker"] == 0
+    assert restarted["pid"] != pids[0]
+    assert alive < cap, "no held session was on the killed worker"
+    assert [reply for _, reply in fresh] == [socks5.Reply.SUCCEEDED] * cap + [
+        socks5.Reply.NOT_ALLOWED
+    ]
+    assert exits == 1
+    assert running == 2
+
+
+async def test_sigterm_drains_every_worker_then_exits_0_and_cleans_up(tmp_path: Path) -> None:
+    async with serve_process(config_text(), tmp_path) as proxy, target_server() as target:
+        assert proxy.admin is not None
+        runtime = Path(
+            next(line for line in proxy.lines if line["event"] == "listening")["runtime"]
+        )
+        pids = worker_pids(proxy)
+        streams = []
+        for _ in range(4):
+            stream, client, reply = await open_session(proxy, SOURCE, target.address)
+            assert reply.reply is socks5.Reply.SUCCEEDED
+            streams.append((stream, client))
+        runtime_existed = await trio.Path(runtime).is_dir()
+        proxy.signal(signal.SIGTERM)
+        await next_event(proxy, "stop signal: draining")
+        for _ in pids:
+            await next_event(proxy, "drain requested")
+        # As systemd stops a unit (KillMode=control-group), every process
+        # gets SIGTERM, here after the supervisor's drain message: a worker
+        # must not take it as a second stop that cuts its sessions.
+        for pid in pids.values():
+            os.kill(pid, signal.SIGTERM)
+        ready_during = await http_get(proxy.admin, "/readyz")
+        answers = []
+        for stream, client in streams:
+            await stream.send_all(b"z" * 10_000)
+            await stream.send_eof()
+            answers.append(await read_to_eof(stream, client.trailing_data))
+            await stream.aclose()
+        with trio.fail_after(WAIT):
+            returncode = await proxy.process.wait()
+            for pid in pids.values():
+                await wait_for_exit(pid)
+        with pytest.raises(OSError, match="connect"):
+            await connect(proxy.listeners["socks5"])
+    assert runtime_existed
+    assert not await trio.Path(runtime).exists()
+    assert ready_during == (503, b"not ready: draining\n")
+    assert all(answer.endswith(b"BYE 10000\r\n") for answer in answers)
+    assert returncode == 0
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    async with serve_process(config_text(), tmp_path) as proxy, target_server() as target:
+        pids = worker_pids(proxy)
+        stream, client, reply = await open_session(proxy, SOURCE, target.address)
+        assert reply.reply is socks5.Reply.SUCCEEDED
+        proxy.process.kill()
+        # The open session still finishes: the workers drain, not crash.
+        await stream.send_all(b"after the supervisor\r\n")
+        await stream.send_eof()
+        answer = await read_to_eof(stream, client.trailing_data)
+        await stream.aclose()
+        with trio.fail_after(WAIT):
+            for pid in pids.values():
+                await wait_for_exit(pid)
+    assert answer.endswith(b"BYE 22\r\n")
+
+
+async def test_a_second_sigterm_closes_every_session_at_once(tmp_path: Path) -> None:
+    text = config_text().replace("drain: 10s", "drain: 60s")
+    async with serve_process(text, tmp_path) as proxy, target_server() as target:
+        streams = []
+        for _ in range(4):
+            stream, client, reply = await open_session(proxy, SOURCE, target.address)
+            assert reply.reply is socks5.Reply.SUCCEEDED
+            streams.append((stream, client))
+        proxy.signal(signal.SIGTERM)
+        await next_event(proxy, "stop signal: draining")
+        proxy.signal(signal.SIGTERM)
+        await next_event(proxy, "second stop signal: closing every session now")
+        # Far sooner than the 60 s drain: every session is closed now.
+        with trio.fail_after(WAIT):
+            ends = [await read_to_eof(stream, client.trailing_data) for stream, client in streams]
+            returncode = await proxy.process.wait()
+        for stream, _ in streams:
+            await stream.aclose()
+    assert all(end.startswith(b"HELLO 127.0.0.2 ") for end in ends)
+    assert returncode == 0
+
+
+async def test_a_worker_that_cannot_start_stops_the_service_with_one_clear_line(
+    tmp_path: Path,
+) -> None:
+    # Python runs sitecustomize before any of our code: a worker dies at
+    # birth, as one would whose interpreter cannot start.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, sys\nif 'worker' in sys.argv:\n    os._exit(3)\n"
+    )
+    config = tmp_path / "kumoproxy.yaml"
+    config.write_text(config_text())
+    with trio.fail_after(WAIT):
+        result = await trio.run_process(
+            [sys.executable, "-m", "kumoproxy", "serve", "--config", str(config)],
+            env={**os.environ, "PYTHONPATH": str(hooks)},
+            capture_stderr=True,
+            check=False,
+        )
+    last = result.stderr.decode().strip().splitlines()[-1]
+    assert result.returncode == 1
+    assert last.startswith("kumoproxy: worker ")
+    assert last.endswith(" exited with status 3 before it was ready")
