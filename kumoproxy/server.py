@@ -98,20 +98,12 @@ class BoundListener:
         return ipaddress.ip_address(host), port
 
 
-async def bind_listening_socket(
-    host: IPAddress, port: int, label: str, *, reuse_port: bool = False
-) -> trio.socket.SocketType:
-    """A socket bound for listening, not yet listening; IPv6 ones are IPv6-only.
-
-    ``reuse_port`` puts it in an SO_REUSEPORT group: the kernel spreads new
-    connections over the group's listening sockets, one per worker process.
-    """
+async def bind_listening_socket(host: IPAddress, port: int, label: str) -> trio.socket.SocketType:
+    """A socket bound for listening, not yet listening; IPv6 ones are IPv6-only."""
     family = socket.AF_INET if host.version == 4 else socket.AF_INET6
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if OPTIONS_INHERITED:

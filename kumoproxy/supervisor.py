@@ -4,12 +4,11 @@ One Python process tops out near one core of accepts and handshakes, so with
 ``workers: N`` the ``kumoproxy serve`` process becomes a supervisor that
 serves no session itself. It:
 
-* binds every listener N times into an SO_REUSEPORT group (the kernel
-  spreads new connections over the group) and hands socket *i* of each
-  group to worker *i*, which starts listening on it: a port accepts
-  connections only once a worker serves it. The supervisor keeps its
-  copies, so a restarted worker takes over the same socket and the
-  connections already queued on it;
+* binds every listener once and hands the socket to every worker; the
+  workers start listening on it once all of them are ready, so a port
+  accepts connections only when the service can serve them. Whichever
+  worker is free accepts the next connection. The supervisor keeps its
+  copy, so a restarted worker takes over the connections already queued;
 * creates a private runtime directory (on /dev/shm where it can) with the
   shared limit table (kumoproxy.shared_limits), so the limits hold in total,
   and prometheus_client's multiprocess files, which it sums into the one
@@ -128,37 +127,35 @@ class RuntimeDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-async def open_listener_groups(config: Config, workers: int) -> list[list[trio.socket.SocketType]]:
-    """Per worker, one member of each listener's SO_REUSEPORT group (bound, not listening).
+async def bind_listeners(config: Config) -> list[trio.socket.SocketType]:
+    """One bound (not yet listening) socket per configured listener.
 
-    Any socket of the same user may join a reuse-port group, so a second
-    kumoproxy started by mistake would silently share the port. Each port is
-    therefore first bound without SO_REUSEPORT: that fails with "address in
-    use" if anything listens there, ours included.
+    The workers call listen(2). Two sockets with SO_REUSEADDR may both bind
+    a port while neither listens, so each port is first bound *and*
+    listened on once: that fails with "address in use" if anything listens
+    there already, a second kumoproxy included.
+
+    One socket shared by every worker rather than one per worker in an
+    SO_REUSEPORT group: the kernel's hash then sends a connection to a busy
+    worker while another idles, which measured as a far longer latency tail
+    (docs/performance.md); a shared socket is accepted by whichever worker
+    gets to it first, at the cost of waking every idle worker per
+    connection.
     """
-    groups: list[list[trio.socket.SocketType]] = [[] for _ in range(workers)]
+    sockets: list[trio.socket.SocketType] = []
     try:
         for listener in config.listeners:
             if listener.port != 0:
                 probe = await listen_on(listener.host, listener.port, listener.listen)
                 await probe.aclose()
-            first = await bind_listening_socket(
-                listener.host, listener.port, listener.listen, reuse_port=True
+            sockets.append(
+                await bind_listening_socket(listener.host, listener.port, listener.listen)
             )
-            groups[0].append(first)
-            port = first.getsockname()[1]
-            for group in groups[1:]:
-                group.append(
-                    await bind_listening_socket(
-                        listener.host, port, listener.listen, reuse_port=True
-                    )
-                )
     except BaseException:
-        for group in groups:
-            for member in group:
-                member.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return groups
+    return sockets
 
 
 # -- workers --------------------------------------------------------------------
@@ -169,7 +166,6 @@ class WorkerSlot:
     """Worker *index*: its sockets, and the process in it now (if any)."""
 
     index: int
-    sockets: list[trio.socket.SocketType]  # its members of the listeners' groups
     process: trio.Process | None = None
     channel: trio.SocketStream | None = None
     ready: bool = False
@@ -211,10 +207,11 @@ class Supervisor:
         config: Config,
         source: ConfigSource,
         *,
-        groups: list[list[trio.socket.SocketType]],
+        sockets: list[trio.socket.SocketType],
         admin: trio.SocketListener | None,
         runtime: RuntimeDir,
         table: SharedLimitTable,
+        workers: int,
         logger: structlog.typing.FilteringBoundLogger,
         wall_clock: Callable[[], float],
     ) -> None:
@@ -224,7 +221,8 @@ class Supervisor:
         self.runtime = runtime
         self.table = table
         self.admin = admin
-        self.slots = [WorkerSlot(i, sockets) for i, sockets in enumerate(groups)]
+        self.sockets = sockets  # the listeners, shared by every worker
+        self.slots = [WorkerSlot(i) for i in range(workers)]
         self.registry = CollectorRegistry()
         # prometheus_client's multiprocess module has no type hints.
         MultiProcessCollector(self.registry, path=str(runtime.metrics))  # type: ignore[no-untyped-call]
@@ -340,7 +338,7 @@ class Supervisor:
         """Start one worker process in ``slot``; once it has exited, return it
         and whether it had reported ready."""
         ours, theirs = socket.socketpair()
-        listen_fds = [sock.fileno() for sock in slot.sockets]
+        listen_fds = [sock.fileno() for sock in self.sockets]
         argv = [
             sys.executable, "-m", "kumoproxy", "worker",
             "--index", str(slot.index),
@@ -428,9 +426,8 @@ class Supervisor:
         self.control.workers_running.set(sum(slot.ready for slot in self.slots))
 
     def _close_listeners(self) -> None:
-        for slot in self.slots:
-            for sock in slot.sockets:
-                sock.close()
+        for sock in self.sockets:
+            sock.close()
 
     # -- control ---------------------------------------------------------------
 
@@ -554,7 +551,7 @@ async def open_supervisor(
     wall_clock: Callable[[], float],
 ) -> Supervisor:
     """Bind the listeners and create the runtime directory; nothing runs yet."""
-    groups = await open_listener_groups(config, config.workers)
+    sockets = await bind_listeners(config)
     admin: trio.SocketListener | None = None
     runtime: RuntimeDir | None = None
     try:
@@ -567,9 +564,8 @@ async def open_supervisor(
             runtime.limits_table, workers=config.workers, capacity=capacity_for(config.limits)
         )
     except BaseException:
-        for group in groups:
-            for member in group:
-                member.close()
+        for sock in sockets:
+            sock.close()
         if admin is not None:
             admin.socket.close()
         if runtime is not None:
@@ -578,7 +574,8 @@ async def open_supervisor(
     return Supervisor(
         config,
         source,
-        groups=groups,
+        sockets=sockets,
+        workers=config.workers,
         admin=admin,
         runtime=runtime,
         table=table,
@@ -590,9 +587,7 @@ async def open_supervisor(
 def listener_addresses(supervisor: Supervisor) -> list[tuple[str, IPAddress, int]]:
     """(protocol, host, port) of each listener, as bound (for the start-up log line)."""
     out: list[tuple[str, IPAddress, int]] = []
-    for listener_config, sock in zip(
-        supervisor.config.listeners, supervisor.slots[0].sockets, strict=True
-    ):
+    for listener_config, sock in zip(supervisor.config.listeners, supervisor.sockets, strict=True):
         host, port = sock.getsockname()[:2]
         out.append((listener_config.protocol, ipaddress.ip_address(host), port))
     return out

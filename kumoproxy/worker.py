@@ -1,9 +1,9 @@
 """One worker process of a multi-process service (``workers`` > 1).
 
-The supervisor (kumoproxy.supervisor) starts each worker with its bound
-sockets (its members of the SO_REUSEPORT groups, which it listens on) and one end of a control
-socketpair already open, and with prometheus_client's multiprocess directory
-in the environment. The worker then:
+The supervisor (kumoproxy.supervisor) starts each worker with the bound
+listener sockets (shared by every worker) and one end of a control
+socketpair already open, and with prometheus_client's multiprocess
+directory in the environment. The worker then:
 
 1. reads its configuration from the control channel (the supervisor sends
    the YAML text it validated, so every worker parses the same bytes),
