@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from sustained import (
+    BENCH_CONFIG,
     CLIENT_SOURCES,
     Server,
     build_loadgen,
@@ -55,11 +56,13 @@ def loadgen_args(server: Server, *, rate: float, seconds: float) -> list[str]:
     ]  # fmt: skip
 
 
-def measure(exe: Path, name: str, *, rate: float, seconds: float, workdir: Path) -> dict[str, str]:
+def measure(
+    exe: Path, name: str, *, rate: float, seconds: float, workdir: Path, ours_config: Path
+) -> dict[str, str]:
     """One run against a freshly started server (or none, for direct)."""
     if name == "direct":
         return run_loadgen(exe, loadgen_args(DIRECT, rate=rate, seconds=seconds))
-    server = make_server(name)
+    server = make_server(name, ours_config)
     with serving(server.command(workdir), server.port):
         result = run_loadgen(exe, loadgen_args(server, rate=rate, seconds=seconds))
     if name == "dante":
@@ -80,6 +83,12 @@ def main() -> int:
     # at its ~3,800/s, 1 s of warm-up and 2 s of measuring stay within them.
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rate", type=float, default=500.0, help="paced load, connections/s")
+    parser.add_argument(
+        "--ours-config",
+        type=Path,
+        default=BENCH_CONFIG,
+        help="kumoproxy config (default bench/kumoproxy-bench.yaml; e.g. a copy with workers: 1)",
+    )
     args = parser.parse_args()
 
     exe = build_loadgen()
@@ -96,7 +105,14 @@ def main() -> int:
             for _round in range(args.rounds):
                 for load, rate in loads.items():
                     for name in batch:
-                        r = measure(exe, name, rate=rate, seconds=args.seconds, workdir=Path(tmp))
+                        r = measure(
+                            exe,
+                            name,
+                            rate=rate,
+                            seconds=args.seconds,
+                            workdir=Path(tmp),
+                            ours_config=args.ours_config,
+                        )
                         runs.setdefault((load, name), []).append(
                             (
                                 float(r["hs_p50_ms"]),

@@ -133,8 +133,8 @@ def serving(command: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
                     child.wait()
 
 
-def ours_command() -> list[str]:
-    return [str(BIN / "kumoproxy"), "serve", "--config", str(BENCH_CONFIG)]
+def ours_command(config: Path = BENCH_CONFIG) -> list[str]:
+    return [str(BIN / "kumoproxy"), "serve", "--config", str(config)]
 
 
 def dante_command(workdir: Path, external: str, port: int = DANTE_PORT) -> list[str]:
@@ -192,16 +192,18 @@ class Server:
     name: str
     port: int
     source: str  # the one source IP its sessions leave from
+    config: Path = BENCH_CONFIG  # ours only
 
     def command(self, workdir: Path) -> list[str]:
         if self.name == "ours":
-            return ours_command()
+            return ours_command(self.config)
         return dante_command(workdir, self.source, self.port)
 
 
-def make_server(name: str) -> Server:
+def make_server(name: str, ours_config: Path = BENCH_CONFIG) -> Server:
     if name == "ours":
-        return Server("ours", OURS_PORT, "127.0.0.2")
+        # The config must keep the bench config's listener and source.
+        return Server("ours", OURS_PORT, "127.0.0.2", ours_config)
     if name == "dante":
         return Server("dante", DANTE_PORT, fresh_dante_source())
     raise SystemExit(f"unknown server {name!r} (ours, dante)")
@@ -261,6 +263,12 @@ def main() -> int:
         "client) can do to a shared machine",
     )
     parser.add_argument("--timeline", action="store_true", help="per-second counts on stderr")
+    parser.add_argument(
+        "--ours-config",
+        type=Path,
+        default=BENCH_CONFIG,
+        help="kumoproxy config (default bench/kumoproxy-bench.yaml; e.g. a copy with workers: 1)",
+    )
     args = parser.parse_args()
 
     exe = build_loadgen()
@@ -276,7 +284,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kumoproxy-sustained-") as tmp:
         for name in [s for s in args.servers.split(",") if s]:
             for rate in rates:
-                server = make_server(name)  # Dante: a fresh source IP per run
+                server = make_server(name, args.ours_config)  # Dante: a fresh IP per run
                 with serving(server.command(Path(tmp)), server.port):
                     result = run_loadgen(
                         exe,
