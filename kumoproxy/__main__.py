@@ -34,7 +34,7 @@ from kumoproxy.errors import KumoproxyError
 from kumoproxy.logs import configure_logging
 from kumoproxy.passwords import hash_password
 from kumoproxy.proto.common import format_endpoint
-from kumoproxy.server import Bound, Service, open_listeners
+from kumoproxy.server import Bound, Service, freeze_startup_objects, open_listeners
 from kumoproxy.supervisor import (
     ConfigSource,
     Supervisor,
@@ -139,6 +139,7 @@ async def _serve(config: Config, path: Path | None) -> None:
     # Opened before any nursery, so "address in use" arrives as itself and
     # not wrapped in an exception group.
     bound = await open_listeners(config)
+    freeze_startup_objects()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 

@@ -38,7 +38,14 @@ from kumoproxy.config import Config, ConfigErrors, parse_config
 from kumoproxy.errors import KumoproxyError
 from kumoproxy.logs import configure_logging
 from kumoproxy.proto import control
-from kumoproxy.server import Bound, BoundListener, Service, WorkerRole, start_listening
+from kumoproxy.server import (
+    Bound,
+    BoundListener,
+    Service,
+    WorkerRole,
+    freeze_startup_objects,
+    start_listening,
+)
 from kumoproxy.shared_limits import SharedLimitTable, SharedLimitTracker
 
 #: Bytes per read on the control channel.
@@ -130,6 +137,7 @@ async def _worker(args: WorkerArgs) -> None:
                 nursery.start_soon(
                     _obey, channel, service, log, nursery.cancel_scope, told_to_listen
                 )
+                freeze_startup_objects()
                 await channel.send("ready")
                 async for signum in signals:
                     if not told_to_listen.is_set():
