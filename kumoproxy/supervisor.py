@@ -163,13 +163,16 @@ async def bind_listeners(config: Config) -> list[trio.socket.SocketType]:
 
 @dataclass(slots=True)
 class WorkerSlot:
-    """Worker *index*: its sockets, and the process in it now (if any)."""
+    """Worker *index*: the process in it now (if any) and its control channel."""
 
     index: int
     process: trio.Process | None = None
     channel: trio.SocketStream | None = None
     ready: bool = False
     replies: dict[int, trio.MemorySendChannel[control.Message]] = field(default_factory=dict)
+    #: Reload, drain, listen and stop may be sent from different tasks; a
+    #: stream takes one writer at a time.
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 def source_totals(registry: CollectorRegistry) -> dict[str, Counter[str]]:
@@ -364,7 +367,7 @@ class Supervisor:
                 )
                 theirs.close()
                 slot.process, slot.channel = process, channel
-                await channel.send_all(control.encode("config", **self._config_message))
+                await self._send(slot, "config", **self._config_message)
                 with trio.move_on_after(READY_TIMEOUT) as waiting:
                     await self._listen(slot, channel, on_ready, waiting)
                 if waiting.cancelled_caught:
@@ -413,14 +416,16 @@ class Supervisor:
             process.kill()
 
     async def _send(self, slot: WorkerSlot, op: str, **fields: object) -> bool:
-        channel = slot.channel
-        if channel is None:
-            return False
-        try:
-            await channel.send_all(control.encode(op, **fields))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-            return False
-        return True
+        """Send one message; False if the worker is gone (its exit is handled elsewhere)."""
+        async with slot.send_lock:
+            channel = slot.channel
+            if channel is None:
+                return False
+            try:
+                await channel.send_all(control.encode(op, **fields))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            return True
 
     def _count_running(self) -> None:
         self.control.workers_running.set(sum(slot.ready for slot in self.slots))

@@ -326,7 +326,10 @@ async def test_sigterm_drains_every_worker_then_exits_0_and_cleans_up(tmp_path: 
         proxy.signal(signal.SIGTERM)
         await next_event(proxy, "stop signal: draining")
         for _ in pids:
-            await next_event(proxy, "drain requested")
+            # Each worker's service logs "draining" once its listeners are closed.
+            await next_event(proxy, "draining")
+        with pytest.raises(OSError, match="connect"):
+            await connect(proxy.listeners["socks5"])
         # As systemd stops a unit (KillMode=control-group), every process
         # gets SIGTERM, here after the supervisor's drain message: a worker
         # must not take it as a second stop that cuts its sessions.
@@ -343,8 +346,6 @@ async def test_sigterm_drains_every_worker_then_exits_0_and_cleans_up(tmp_path: 
             returncode = await proxy.process.wait()
             for pid in pids.values():
                 await wait_for_exit(pid)
-        with pytest.raises(OSError, match="connect"):
-            await connect(proxy.listeners["socks5"])
     assert runtime_existed
     assert not await trio.Path(runtime).exists()
     assert ready_during == (503, b"not ready: draining\n")
