@@ -25,6 +25,7 @@ SIGHUP is ignored, since reloads come from the supervisor.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pathlib import Path
 import structlog
 import trio
 from prometheus_client import CollectorRegistry
+from prometheus_client import values as prometheus_values
 
 from kumoproxy.config import Config, ConfigErrors, parse_config
 from kumoproxy.errors import KumoproxyError
@@ -93,6 +95,20 @@ def config_from(message: control.Message) -> Config:
     )
 
 
+def name_metric_files_once() -> None:
+    """Stop prometheus_client asking the kernel for our pid on every metric update.
+
+    Its multiprocess values call ``os.getpid()`` on each update to notice a
+    fork (14 system calls per session here). A worker never forks, so the
+    pid is read once; it still names this process's metric files, as the
+    supervisor's ``mark_process_dead`` expects. Must run before any metric
+    is created.
+    """
+    pid = os.getpid()
+    # prometheus_client.values has no type hints.
+    prometheus_values.ValueClass = prometheus_values.MultiProcessValue(lambda: pid)  # type: ignore[no-untyped-call]
+
+
 def run_worker(args: WorkerArgs) -> None:
     """The worker's main: returns when it has drained (or was stopped)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -113,6 +129,7 @@ async def _worker(args: WorkerArgs) -> None:
         workers=args.workers,
         limits=SharedLimitTracker(table, args.index, config.limits),
     )
+    name_metric_files_once()
     # The registry only scopes metric names: in multiprocess mode the values
     # live in the files the supervisor collects.
     service = Service(config, logger=log, registry=CollectorRegistry(), worker=role)

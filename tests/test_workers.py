@@ -18,13 +18,19 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from kumoproxy.config import IPAddress
 from kumoproxy.proto import socks5
+from kumoproxy.worker import name_metric_files_once
 from tests.netkit import (
     connect,
     read_replies,
@@ -415,3 +421,40 @@ async def test_a_worker_that_cannot_start_stops_the_service_with_one_clear_line(
     assert result.returncode == 1
     assert last.startswith("kumoproxy: worker ")
     assert last.endswith(" exited with status 3 before it was ready")
+
+
+def test_worker_metric_updates_make_no_getpid_system_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    default_values = prometheus_values.ValueClass
+    pid = os.getpid()
+    try:
+        name_metric_files_once()
+        counter = PromCounter("kumoproxy_test", "A counter.", registry=CollectorRegistry())
+
+        # Record every call of the real os.getpid (a C builtin: the profiler
+        # sees it as a "c_call" event) made while the counter is updated.
+        getpid_calls: list[str] = []
+
+        def profiler(frame: FrameType, event: str, arg: object) -> None:
+            if event == "c_call" and arg is os.getpid:
+                getpid_calls.append(frame.f_code.co_name)
+
+        sys.setprofile(profiler)
+        try:
+            counter.inc()
+            counter.inc()
+        finally:
+            sys.setprofile(None)
+        collected = {
+            sample.name: sample.value
+            for family in MultiProcessCollector(None, path=str(tmp_path)).collect()  # type: ignore[no-untyped-call]
+            for sample in family.samples
+        }
+    finally:
+        prometheus_values.ValueClass = default_values
+    # The values still land in this process's file, named by its real pid.
+    assert getpid_calls == []
+    assert (tmp_path / f"counter_{pid}.db").exists()
+    assert collected["kumoproxy_test_total"] == 2.0
