@@ -199,7 +199,7 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     #: Processes that serve sessions: 1 serves in the main process; more
-    #: start a supervisor and that many workers (kumoproxy.workers).
+    #: start a supervisor and that many workers (kumoproxy.supervisor).
     workers: int = 1
     origin: str = "<embedded default>"
 

@@ -188,7 +188,7 @@ async def open_listeners(config: Config) -> Bound:
 
 @dataclass(frozen=True, slots=True)
 class WorkerRole:
-    """What makes a service one of ``workers`` processes (see kumoproxy.workers).
+    """What makes a service one of ``workers`` processes (kumoproxy.supervisor, .worker).
 
     A worker shares its limits with the others, gets its share of
     ``limits.handshakes``, and leaves the admin listener and the control
@@ -201,7 +201,11 @@ class WorkerRole:
 
 
 def handshake_share(limit: int, workers: int) -> int:
-    """A worker's part of ``limits.handshakes``: the parts never add up to more."""
+    """A worker's part of ``limits.handshakes``.
+
+    The parts never add up to more than the limit, unless the limit is
+    below the number of workers: each keeps at least one.
+    """
     return max(1, limit // workers)
 
 

@@ -30,6 +30,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from kumoproxy.config import IPAddress
 from kumoproxy.proto import socks5
+from kumoproxy.server import handshake_share
 from kumoproxy.worker import name_metric_files_once
 from tests.netkit import (
     connect,
@@ -458,3 +459,12 @@ def test_worker_metric_updates_make_no_getpid_system_call(
     assert getpid_calls == []
     assert (tmp_path / f"counter_{pid}.db").exists()
     assert collected["kumoproxy_test_total"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("limit", "workers", "share"), [(2000, 2, 1000), (2000, 3, 666), (5, 8, 1), (1, 1, 1)]
+)
+def test_each_worker_evicts_handshakes_beyond_its_share(
+    limit: int, workers: int, share: int
+) -> None:
+    assert handshake_share(limit, workers) == share
