@@ -518,20 +518,11 @@ class SharedLimitTracker:
         return self.table.sessions()
 
     def admit_session(self, client: IPAddress) -> LimitKind | None:
-        key = _KIND_CLIENT + _packed(client) + _NO_ADDRESS
         limits = self.limits
-        table = self.table
-        table._lock()
-        try:
-            sessions = table._find(_GLOBAL_KEY)
-            if table._total(sessions) >= limits.max_sessions:
-                return LimitKind.MAX_SESSIONS
-            slot = table._find(key)
-            if table._total(slot) >= limits.per_client:
-                return LimitKind.PER_CLIENT
-            return self._take(_GLOBAL_KEY, sessions, key, slot)
-        finally:
-            table._unlock()
+        return self._admit(
+            _GLOBAL_KEY, limits.max_sessions, LimitKind.MAX_SESSIONS,
+            _KIND_CLIENT + _packed(client) + _NO_ADDRESS, limits.per_client, LimitKind.PER_CLIENT,
+        )  # fmt: skip
 
     def release_session(self, client: IPAddress) -> None:
         key = _KIND_CLIENT + _packed(client) + _NO_ADDRESS
@@ -539,19 +530,33 @@ class SharedLimitTracker:
 
     def admit_egress(self, source: IPAddress, destination: IPAddress) -> LimitKind | None:
         packed = _packed(source)
-        source_key = _KIND_SOURCE + packed + _NO_ADDRESS
-        pair_key = _KIND_PAIR + packed + _packed(destination)
         limits = self.limits
+        return self._admit(
+            _KIND_SOURCE + packed + _NO_ADDRESS, limits.per_source, LimitKind.PER_SOURCE,
+            _KIND_PAIR + packed + _packed(destination), limits.per_source_destination,
+            LimitKind.PER_SOURCE_DESTINATION,
+        )  # fmt: skip
+
+    def _admit(
+        self,
+        first: bytes,
+        first_limit: int,
+        first_kind: LimitKind,
+        second: bytes,
+        second_limit: int,
+        second_kind: LimitKind,
+    ) -> LimitKind | None:
+        """Take one slot of each key, checked in order, or nothing and say which refused."""
         table = self.table
         table._lock()
         try:
-            source_slot = table._find(source_key)
-            if table._total(source_slot) >= limits.per_source:
-                return LimitKind.PER_SOURCE
-            pair_slot = table._find(pair_key)
-            if table._total(pair_slot) >= limits.per_source_destination:
-                return LimitKind.PER_SOURCE_DESTINATION
-            return self._take(source_key, source_slot, pair_key, pair_slot)
+            first_slot = table._find(first)
+            if table._total(first_slot) >= first_limit:
+                return first_kind
+            second_slot = table._find(second)
+            if table._total(second_slot) >= second_limit:
+                return second_kind
+            return self._take(first, first_slot, second, second_slot)
         finally:
             table._unlock()
 
