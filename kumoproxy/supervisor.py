@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +42,7 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from kumoproxy import egress
+from kumoproxy import egress, runtime_dir
 from kumoproxy.admin import AdminState, serve_admin
 from kumoproxy.config import (
     Config,
@@ -57,6 +55,7 @@ from kumoproxy.errors import KumoproxyError
 from kumoproxy.logs import configure_logging
 from kumoproxy.metrics import ControlMetrics
 from kumoproxy.proto import control
+from kumoproxy.runtime_dir import RuntimeDir
 from kumoproxy.server import bind_listening_socket, listen_on, validate_reload
 from kumoproxy.shared_limits import SharedLimitTable, capacity_for
 from kumoproxy.yamlconfig import read_config_file
@@ -95,36 +94,6 @@ class ConfigSource:
         if self.path is None:
             return embedded_default_text(), "<embedded default>", True
         return read_config_file(self.path), str(self.path), False
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeDir:
-    """The supervisor's private directory: limit table and metric files."""
-
-    path: Path
-
-    @classmethod
-    def create(cls) -> RuntimeDir:
-        # tmpfs: the metric files and limit table are written on every
-        # session; on a disk they would also be written back.
-        # mkdtemp makes it private (0700) under a random name, so the shared
-        # directory is safe to use.
-        shm = Path("/dev/shm")  # noqa: S108
-        parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        path = Path(tempfile.mkdtemp(prefix="kumoproxy-", dir=parent))
-        (path / "metrics").mkdir()
-        return cls(path)
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics"
-
-    @property
-    def limits_table(self) -> Path:
-        return self.path / "limits"
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 async def bind_listeners(config: Config) -> list[trio.socket.SocketType]:
@@ -564,7 +533,13 @@ async def open_supervisor(
             admin = await listen_on(
                 config.admin.host, config.admin.port, f"admin {config.admin.listen}"
             )
-        runtime = RuntimeDir.create()
+        parent = runtime_dir.default_parent()
+        stale = runtime_dir.remove_stale(parent)
+        if stale:
+            logger.info(
+                "removed runtime directories of dead supervisors", paths=[str(p) for p in stale]
+            )
+        runtime = RuntimeDir.create(parent)
         table = SharedLimitTable.create(
             runtime.limits_table, workers=config.workers, capacity=capacity_for(config.limits)
         )

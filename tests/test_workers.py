@@ -94,6 +94,12 @@ async def session_lines(proxy: ServeProcess, count: int) -> list[dict[str, Any]]
     return [await next_event(proxy, "session") for _ in range(count)]
 
 
+def runtime_of(proxy: ServeProcess) -> trio.Path:
+    """The supervisor's runtime directory, from its "listening" line."""
+    listening = next(line for line in proxy.lines if line["event"] == "listening")
+    return trio.Path(listening["runtime"])
+
+
 def worker_pids(proxy: ServeProcess) -> dict[int, int]:
     """Worker index -> pid, from the "worker ready" lines read so far (latest wins).
 
@@ -320,16 +326,14 @@ async def test_a_killed_worker_is_restarted_and_its_limit_slots_are_freed(
 async def test_sigterm_drains_every_worker_then_exits_0_and_cleans_up(tmp_path: Path) -> None:
     async with serve_process(config_text(), tmp_path) as proxy, target_server() as target:
         assert proxy.admin is not None
-        runtime = Path(
-            next(line for line in proxy.lines if line["event"] == "listening")["runtime"]
-        )
+        runtime = runtime_of(proxy)
         pids = worker_pids(proxy)
         streams = []
         for _ in range(4):
             stream, client, reply = await open_session(proxy, SOURCE, target.address)
             assert reply.reply is socks5.Reply.SUCCEEDED
             streams.append((stream, client))
-        runtime_existed = await trio.Path(runtime).is_dir()
+        runtime_existed = await runtime.is_dir()
         proxy.signal(signal.SIGTERM)
         await next_event(proxy, "stop signal: draining")
         for _ in pids:
@@ -354,7 +358,7 @@ async def test_sigterm_drains_every_worker_then_exits_0_and_cleans_up(tmp_path: 
             for pid in pids.values():
                 await wait_for_exit(pid)
     assert runtime_existed
-    assert not await trio.Path(runtime).exists()
+    assert not await runtime.exists()
     assert ready_during == (503, b"not ready: draining\n")
     assert all(answer.endswith(b"BYE 10000\r\n") for answer in answers)
     assert returncode == 0
@@ -374,7 +378,24 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(tmp_path: Pa
         with trio.fail_after(WAIT):
             for pid in pids.values():
                 await wait_for_exit(pid)
+    # A killed supervisor cannot remove its runtime directory (tmpfs is
+    # memory): the next one to start does.
+    left_behind = runtime_of(proxy)
+    left_existed = await left_behind.exists()
+    second = trio.Path(tmp_path / "second")
+    await second.mkdir()
+    async with serve_process(config_text(), Path(second)) as proxy_after:
+        # Logged before "listening", so among the lines read already.
+        cleaned = next(
+            line
+            for line in proxy_after.lines
+            if line["event"] == "removed runtime directories of dead supervisors"
+        )
+        gone = not await left_behind.exists()
     assert answer.endswith(b"BYE 22\r\n")
+    assert left_existed
+    assert str(left_behind) in cleaned["paths"]
+    assert gone
 
 
 async def test_a_second_sigterm_closes_every_session_at_once(tmp_path: Path) -> None:
