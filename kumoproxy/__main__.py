@@ -14,7 +14,8 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -25,6 +26,7 @@ from kumoproxy import __version__, egress
 from kumoproxy.config import (
     Config,
     ConfigErrors,
+    IPAddress,
     config_to_data,
     embedded_default,
     load_config,
@@ -34,14 +36,15 @@ from kumoproxy.errors import KumoproxyError
 from kumoproxy.logs import configure_logging
 from kumoproxy.passwords import hash_password
 from kumoproxy.proto.common import format_endpoint
-from kumoproxy.server import Bound, Service, freeze_startup_objects, open_listeners
-from kumoproxy.supervisor import (
-    ConfigSource,
-    Supervisor,
-    admin_address,
-    listener_addresses,
-    open_supervisor,
+from kumoproxy.server import (
+    Bound,
+    Service,
+    bound_address,
+    freeze_startup_objects,
+    open_listeners,
+    refuse_reload,
 )
+from kumoproxy.supervisor import ConfigSource, Supervisor, open_supervisor
 from kumoproxy.tls import TlsSetupError, server_context
 from kumoproxy.worker import WorkerArgs, run_worker
 
@@ -148,27 +151,61 @@ async def _serve(config: Config, path: Path | None) -> None:
                 nursery.cancel_scope.cancel()  # drained: stop waiting for signals
 
             await nursery.start(serve_then_stop)
-            admin = bound.admin_address
-            log.info(
-                "listening",
-                version=__version__,
-                config=config.origin,
-                listeners=[
-                    f"{b.config.protocol}://{format_endpoint(*b.address)}" for b in bound.listeners
-                ],
-                admin=f"http://{format_endpoint(*admin)}" if admin is not None else None,
-                sources=len(config.sources),
-                nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            _log_listening(
+                log,
+                config,
+                [(b.config.protocol, b.address) for b in bound.listeners],
+                bound.admin_address,
             )
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await _reload(service, path, log)
-                elif service.draining:
-                    log.warning("second stop signal: closing every session now")
-                    nursery.cancel_scope.cancel()
-                else:
-                    log.info("stop signal: draining", signal=signal.Signals(signum).name)
-                    service.drain()
+            await _obey_signals(
+                signals,
+                log,
+                reload=partial(_reload, service, path, log),
+                draining=lambda: service.draining,
+                drain=service.drain,
+                stop=nursery.cancel_scope.cancel,
+            )
+
+
+def _log_listening(
+    log: structlog.typing.FilteringBoundLogger,
+    config: Config,
+    listeners: list[tuple[str, tuple[IPAddress, int]]],
+    admin: tuple[IPAddress, int] | None,
+    **extra: object,
+) -> None:
+    """The start-up line: what listens where (tests and operators read it)."""
+    log.info(
+        "listening",
+        version=__version__,
+        config=config.origin,
+        listeners=[f"{protocol}://{format_endpoint(*address)}" for protocol, address in listeners],
+        admin=f"http://{format_endpoint(*admin)}" if admin is not None else None,
+        sources=len(config.sources),
+        **extra,
+        nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    )
+
+
+async def _obey_signals(
+    signals: AsyncIterator[int],
+    log: structlog.typing.FilteringBoundLogger,
+    *,
+    reload: Callable[[], Awaitable[None]],
+    draining: Callable[[], bool],
+    drain: Callable[[], None],
+    stop: Callable[[], None],
+) -> None:
+    """SIGHUP reloads; a first SIGTERM/SIGINT drains, a second closes every session now."""
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            await reload()
+        elif draining():
+            log.warning("second stop signal: closing every session now")
+            stop()
+        else:
+            log.info("stop signal: draining", signal=signal.Signals(signum).name)
+            drain()
 
 
 async def _supervise(config: Config, path: Path | None) -> None:
@@ -225,30 +262,25 @@ async def _supervise_until_stopped(
                 nursery.cancel_scope.cancel()  # every worker has exited
 
             await nursery.start(run_then_stop)
-            admin = admin_address(supervisor)
-            log.info(
-                "listening",
-                version=__version__,
-                config=config.origin,
-                listeners=[
-                    f"{protocol}://{format_endpoint(host, port)}"
-                    for protocol, host, port in listener_addresses(supervisor)
+            _log_listening(
+                log,
+                config,
+                [
+                    (listener.protocol, bound_address(sock))
+                    for listener, sock in zip(config.listeners, supervisor.sockets, strict=True)
                 ],
-                admin=f"http://{format_endpoint(*admin)}" if admin is not None else None,
-                sources=len(config.sources),
+                bound_address(supervisor.admin.socket) if supervisor.admin is not None else None,
                 workers=config.workers,
                 runtime=str(supervisor.runtime.path),
-                nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             )
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await supervisor.reload()
-                elif supervisor.draining:
-                    log.warning("second stop signal: closing every session now")
-                    supervisor.stop()
-                else:
-                    log.info("stop signal: draining", signal=signal.Signals(signum).name)
-                    supervisor.drain()
+            await _obey_signals(
+                signals,
+                log,
+                reload=supervisor.reload,
+                draining=lambda: supervisor.draining,
+                drain=supervisor.drain,
+                stop=supervisor.stop,
+            )
 
 
 async def _reload(
@@ -260,9 +292,7 @@ async def _reload(
         ignored = service.reload(config)
     except (ConfigErrors, KumoproxyError) as exc:
         assert service.control is not None  # the single process owns its control metrics
-        service.control.config_reloads.labels("error").inc()
-        errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
-        log.error("reload refused, old config stays", errors=[str(e) for e in errors])
+        refuse_reload(log, service.control, exc)
         return
     log.info("reloaded", config=config.origin, not_applied=ignored, sources=len(config.sources))
     # Last, so the line above still goes out in the old format and level.

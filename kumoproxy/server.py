@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from kumoproxy import egress
 from kumoproxy.admin import AdminState, serve_admin
-from kumoproxy.config import Config, IPAddress, ListenerConfig
+from kumoproxy.config import Config, ConfigErrors, IPAddress, ListenerConfig
 from kumoproxy.errors import KumoproxyError
 from kumoproxy.handshakes import HandshakeTracker
 from kumoproxy.limits import Limiter, LimitTracker
@@ -95,6 +95,12 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def bound_address(sock: trio.socket.SocketType) -> tuple[IPAddress, int]:
+    """The address a socket is bound to (the real port when 0 was asked for)."""
+    host, port = sock.getsockname()[:2]
+    return ipaddress.ip_address(host), port
+
+
 class ListenError(KumoproxyError, OSError):
     """A configured listener could not be opened (address in use, not ours...)."""
 
@@ -108,8 +114,7 @@ class BoundListener:
 
     @property
     def address(self) -> tuple[IPAddress, int]:
-        host, port = self.listener.socket.getsockname()[:2]
-        return ipaddress.ip_address(host), port
+        return bound_address(self.listener.socket)
 
 
 async def bind_listening_socket(host: IPAddress, port: int, label: str) -> trio.socket.SocketType:
@@ -157,8 +162,7 @@ class Bound:
     def admin_address(self) -> tuple[IPAddress, int] | None:
         if self.admin is None:
             return None
-        host, port = self.admin.socket.getsockname()[:2]
-        return ipaddress.ip_address(host), port
+        return bound_address(self.admin.socket)
 
     async def aclose(self) -> None:
         for b in self.listeners:
@@ -523,6 +527,17 @@ SOURCE_RESULTS = {
 
 class ReloadError(KumoproxyError):
     """A new configuration cannot be applied without a restart."""
+
+
+def refuse_reload(
+    log: structlog.typing.FilteringBoundLogger,
+    control: ControlMetrics,
+    exc: ConfigErrors | KumoproxyError,
+) -> None:
+    """A reload that cannot be applied: counted, logged with every error; nothing changes."""
+    control.config_reloads.labels("error").inc()
+    errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+    log.error("reload refused, old config stays", errors=[str(e) for e in errors])
 
 
 def validate_reload(old: Config, new: Config) -> None:

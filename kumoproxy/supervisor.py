@@ -26,7 +26,6 @@ worker`` (not forked), so none inherits the supervisor's trio state.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import subprocess
@@ -47,7 +46,6 @@ from kumoproxy.admin import AdminState, serve_admin
 from kumoproxy.config import (
     Config,
     ConfigErrors,
-    IPAddress,
     embedded_default_text,
     parse_config,
 )
@@ -56,7 +54,7 @@ from kumoproxy.logs import configure_logging
 from kumoproxy.metrics import ControlMetrics
 from kumoproxy.proto import control
 from kumoproxy.runtime_dir import RuntimeDir
-from kumoproxy.server import bind_listening_socket, listen_on, validate_reload
+from kumoproxy.server import bind_listening_socket, listen_on, refuse_reload, validate_reload
 from kumoproxy.shared_limits import SharedLimitTable, capacity_for
 from kumoproxy.yamlconfig import read_config_file
 
@@ -412,9 +410,7 @@ class Supervisor:
             config = parse_config(text, origin=origin, embedded=embedded)
             validate_reload(self.config, config)
         except (ConfigErrors, KumoproxyError) as exc:
-            self.control.config_reloads.labels("error").inc()
-            errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
-            self.log.error("reload refused, old config stays", errors=[str(e) for e in errors])
+            refuse_reload(self.log, self.control, exc)
             return
         message = {"text": text, "origin": origin, "embedded": embedded}
         not_applied: set[str] = set()
@@ -562,19 +558,3 @@ async def open_supervisor(
         logger=logger,
         wall_clock=wall_clock,
     )
-
-
-def listener_addresses(supervisor: Supervisor) -> list[tuple[str, IPAddress, int]]:
-    """(protocol, host, port) of each listener, as bound (for the start-up log line)."""
-    out: list[tuple[str, IPAddress, int]] = []
-    for listener_config, sock in zip(supervisor.config.listeners, supervisor.sockets, strict=True):
-        host, port = sock.getsockname()[:2]
-        out.append((listener_config.protocol, ipaddress.ip_address(host), port))
-    return out
-
-
-def admin_address(supervisor: Supervisor) -> tuple[IPAddress, int] | None:
-    if supervisor.admin is None:
-        return None
-    host, port = supervisor.admin.socket.getsockname()[:2]
-    return ipaddress.ip_address(host), port
