@@ -46,9 +46,11 @@ insert first rebuilds the table in place, keeping only entries with a
 non-zero total. Live keys are at most ``1 + 3 * max_sessions`` (a session
 holds one client key, one source key, one pair key), which
 :func:`capacity_for` doubles. A table sized for a smaller ``max_sessions``
-than a reload later allows can fill up with live keys; an admit that needs a
-new key then is refused as :attr:`LimitKind.MAX_SESSIONS`, which is the
-truth: the process cannot track more sessions.
+than a reload later allows could fill up with live keys, so the supervisor
+refuses a reload whose ``max_sessions`` exceeds :func:`sessions_held`. Should
+the table fill anyway, an admit that needs a new key is refused as
+:attr:`LimitKind.MAX_SESSIONS`, which is the truth: the process cannot track
+more sessions.
 
 Memory: ``33 + 4 * W`` bytes per slot, plus the same per live entry for the
 journal. The file is sparse on tmpfs: pages exist only once touched (the
@@ -125,6 +127,11 @@ def capacity_for(limits: LimitsConfig) -> int:
     """
     needed = 2 * (1 + 3 * limits.max_sessions)
     return max(MIN_CAPACITY, 1 << (needed - 1).bit_length())
+
+
+def sessions_held(capacity: int) -> int:
+    """The highest ``max_sessions`` whose live keys all fit in ``capacity`` slots."""
+    return (capacity - 1) // 3
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,8 +54,14 @@ from kumoproxy.logs import configure_logging
 from kumoproxy.metrics import ControlMetrics
 from kumoproxy.proto import control
 from kumoproxy.runtime_dir import RuntimeDir
-from kumoproxy.server import bind_listening_socket, listen_on, refuse_reload, validate_reload
-from kumoproxy.shared_limits import SharedLimitTable, capacity_for
+from kumoproxy.server import (
+    ReloadError,
+    bind_listening_socket,
+    listen_on,
+    refuse_reload,
+    validate_reload,
+)
+from kumoproxy.shared_limits import SharedLimitTable, capacity_for, sessions_held
 from kumoproxy.yamlconfig import read_config_file
 
 #: A worker that dies is restarted after this delay, doubled each time it
@@ -409,6 +415,7 @@ class Supervisor:
             text, origin, embedded = await trio.to_thread.run_sync(self.source.read)
             config = parse_config(text, origin=origin, embedded=embedded)
             validate_reload(self.config, config)
+            self._check_table_holds(config)
         except (ConfigErrors, KumoproxyError) as exc:
             refuse_reload(self.log, self.control, exc)
             return
@@ -436,6 +443,15 @@ class Supervisor:
             "reloaded", config=origin, not_applied=sorted(not_applied), sources=len(config.sources)
         )
         configure_logging(config.log)
+
+    def _check_table_holds(self, config: Config) -> None:
+        """The limit table was sized at start; a reload cannot raise ``max_sessions`` past it."""
+        held = sessions_held(self.table.capacity)
+        if config.limits.max_sessions > held:
+            raise ReloadError(
+                f"limits.max_sessions {config.limits.max_sessions}: the shared limit table "
+                f"was sized at start for at most {held} sessions; restart to apply"
+            )
 
     async def _reload_worker(self, slot: WorkerSlot, message: dict[str, object]) -> list[str] | str:
         """The worker's ``not_applied`` list, or why it did not apply the config."""

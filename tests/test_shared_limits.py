@@ -36,6 +36,7 @@ from kumoproxy.shared_limits import (
     SharedLimitTable,
     SharedLimitTracker,
     capacity_for,
+    sessions_held,
 )
 
 CLIENT = ipaddress.ip_address("192.0.2.1")
@@ -466,6 +467,28 @@ def test_full_table_refuses_as_max_sessions_and_takes_nothing(tmp_path: Path) ->
 @pytest.mark.parametrize(("max_sessions", "capacity"), [(1, 8), (2, 16), (5, 32), (20000, 131072)])
 def test_capacity_holds_every_live_key_at_half_load(max_sessions: int, capacity: int) -> None:
     assert capacity_for(LimitsConfig(max_sessions=max_sessions)) == capacity
+
+
+@pytest.mark.parametrize("max_sessions", [1, 5, 10, 20000])
+def test_a_table_sized_for_max_sessions_holds_at_least_that_many(max_sessions: int) -> None:
+    assert sessions_held(capacity_for(LimitsConfig(max_sessions=max_sessions))) >= max_sessions
+
+
+def test_sessions_held_sessions_fit_with_every_key_distinct(tmp_path: Path) -> None:
+    # The worst case: each session its own client, source and destination.
+    capacity = 64
+    held = sessions_held(capacity)
+    limits = LimitsConfig(max_sessions=held, per_client=1, per_source=1, per_source_destination=1)
+    with SharedLimitTable.create(tmp_path / "t", workers=1, capacity=capacity) as table:
+        tracker = SharedLimitTracker(table, 0, limits)
+        for n in range(held):
+            client, source, destination = (
+                ipaddress.IPv4Address(base + n) for base in (0xC0000200, 0xC6336400, 0xCB007100)
+            )
+            assert tracker.admit_session(client) is None
+            assert tracker.admit_egress(source, destination) is None
+        assert tracker.sessions == held
+        assert tracker.admit_session(OTHER_CLIENT) is LimitKind.MAX_SESSIONS
 
 
 @pytest.mark.parametrize(("workers", "capacity"), [(0, 64), (2, 48), (2, 4)])

@@ -265,6 +265,34 @@ async def test_sighup_reaches_every_worker_and_counts_one_reload(tmp_path: Path)
     assert (reload_ok, reload_error) == (1.0, 1.0)
 
 
+async def test_a_reload_beyond_the_limit_tables_size_is_refused_and_serving_goes_on(
+    tmp_path: Path,
+) -> None:
+    # max_sessions 10 sizes the table at 64 slots: room for the keys of 21 sessions.
+    def with_max_sessions(n: int) -> str:
+        return config_text(extra=f"limits:\n  max_sessions: {n}\n")
+
+    async with serve_process(with_max_sessions(10), tmp_path) as proxy, target_server() as target:
+        (tmp_path / "kumoproxy.yaml").write_text(with_max_sessions(22))
+        proxy.signal(signal.SIGHUP)
+        refused_reload = await next_event(proxy, "reload refused, old config stays")
+        stream, _, reply = await open_session(proxy, SOURCE, target.address)
+        await stream.aclose()
+        (tmp_path / "kumoproxy.yaml").write_text(with_max_sessions(21))
+        proxy.signal(signal.SIGHUP)
+        await next_event(proxy, "reloaded")
+        reloads = [
+            await metric(proxy, f'kumoproxy_config_reloads_total{{result="{result}"}}')
+            for result in ("ok", "error")
+        ]
+    assert refused_reload["errors"] == [
+        "limits.max_sessions 22: the shared limit table was sized at start for at most "
+        "21 sessions; restart to apply"
+    ]
+    assert reply.reply is socks5.Reply.SUCCEEDED
+    assert reloads == [1.0, 1.0]
+
+
 async def test_a_killed_worker_is_restarted_and_its_limit_slots_are_freed(
     tmp_path: Path,
 ) -> None:
