@@ -118,7 +118,16 @@ class BoundListener:
 
 
 async def bind_listening_socket(host: IPAddress, port: int, label: str) -> trio.socket.SocketType:
-    """A socket bound for listening, not yet listening; IPv6 ones are IPv6-only."""
+    """A socket bound for listening, not yet listening, that no other socket can join.
+
+    SO_REUSEADDR lets the bind succeed over the TIME_WAIT connections a
+    previous run left on the port. Left on, it would also let any other
+    SO_REUSEADDR socket bind the same port until this one listens (Linux
+    only refuses once one of them listens): a second kumoproxy started
+    while the workers of the first are still starting would take the port
+    from them. So it is switched off once bound, and back on by
+    :func:`start_listening`. IPv6 sockets are IPv6-only.
+    """
     family = socket.AF_INET if host.version == 4 else socket.AF_INET6
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -129,6 +138,7 @@ async def bind_listening_socket(host: IPAddress, port: int, label: str) -> trio.
             egress.set_keepalive(sock)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await sock.bind((str(host), port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {label}: {exc.strerror}") from exc
@@ -136,8 +146,14 @@ async def bind_listening_socket(host: IPAddress, port: int, label: str) -> trio.
 
 
 def start_listening(sock: trio.socket.SocketType) -> trio.SocketListener:
-    """listen(2) on a bound socket (again, for one that already listens: harmless)."""
+    """listen(2) on a bound socket (again, for one that already listens: harmless).
+
+    Then SO_REUSEADDR goes back on: a listening socket excludes every other
+    bind by itself, and the connections it accepts inherit the option, so
+    their TIME_WAIT does not block the next start on this port.
+    """
     sock.listen(LISTEN_BACKLOG)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     return trio.SocketListener(sock)
 
 

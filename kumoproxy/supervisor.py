@@ -103,10 +103,10 @@ class ConfigSource:
 async def bind_listeners(config: Config) -> list[trio.socket.SocketType]:
     """One bound (not yet listening) socket per configured listener.
 
-    The workers call listen(2). Two sockets with SO_REUSEADDR may both bind
-    a port while neither listens, so each port is first bound *and*
-    listened on once: that fails with "address in use" if anything listens
-    there already, a second kumoproxy included.
+    The workers call listen(2). Until then no other socket can bind the
+    port (see :func:`kumoproxy.server.bind_listening_socket`), so "address
+    in use" is found here, before any worker starts, whether something
+    listens there already or a second kumoproxy is just starting too.
 
     One socket shared by every worker rather than one per worker in an
     SO_REUSEPORT group: the kernel's hash then sends a connection to a busy
@@ -118,9 +118,6 @@ async def bind_listeners(config: Config) -> list[trio.socket.SocketType]:
     sockets: list[trio.socket.SocketType] = []
     try:
         for listener in config.listeners:
-            if listener.port != 0:
-                probe = await listen_on(listener.host, listener.port, listener.listen)
-                await probe.aclose()
             sockets.append(
                 await bind_listening_socket(listener.host, listener.port, listener.listen)
             )

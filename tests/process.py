@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,15 +61,20 @@ def _listener_key(url: str) -> tuple[str, tuple[str, int]]:
 
 @asynccontextmanager
 async def serve_process(
-    config_text: str, tmp_path: Path, *, preexec_fn: Callable[[], None] | None = None
+    config_text: str,
+    tmp_path: Path,
+    *,
+    preexec_fn: Callable[[], None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[ServeProcess]:
     """Start ``python -m kumoproxy serve --config``; SIGKILL it if the test did not stop it.
 
     The config file is ``tmp_path / "kumoproxy.yaml"`` (rewrite it, then SIGHUP).
+    ``env`` adds to the environment.
     """
     config = tmp_path / "kumoproxy.yaml"
     config.write_text(config_text)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "kumoproxy", "serve", "--config", str(config)],
         stderr=subprocess.PIPE,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -471,6 +473,65 @@ async def test_a_worker_that_cannot_start_stops_the_service_with_one_clear_line(
     assert result.returncode == 1
     assert last.startswith("kumoproxy: worker ")
     assert last.endswith(" exited with status 3 before it was ready")
+
+
+async def test_a_second_instance_started_meanwhile_cannot_take_the_port(tmp_path: Path) -> None:
+    # The first supervisor has bound the port; its workers, which will call
+    # listen(), are held at birth on a gate: a connection to the test, until
+    # the test closes it. A second kumoproxy on the same port must fail
+    # meanwhile, not take the port from them.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = config_text().replace('"127.0.0.1:0"\n    protocol', f'"127.0.0.1:{port}"\n    protocol')
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, socket, sys\n"
+        "if 'worker' in sys.argv:\n"
+        "    try:\n"
+        "        address = ('127.0.0.1', int(os.environ['TEST_GATE_PORT']))\n"
+        "        with socket.create_connection(address, timeout=30) as gate:\n"
+        "            gate.recv(1)  # until the test closes the gate\n"
+        "    except OSError:\n"
+        "        pass  # closed (or never reached): go on\n"
+    )
+    second_config = tmp_path / "second.yaml"
+    second_config.write_text(text)
+    second: list[subprocess.CompletedProcess[bytes]] = []
+    (gate,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def start_the_second_then_open_the_gate() -> None:
+        with trio.fail_after(WAIT):
+            async with gate, await gate.accept():  # a worker of the first is born
+                second.append(
+                    await trio.run_process(
+                        [
+                            sys.executable,
+                            "-m",
+                            "kumoproxy",
+                            "serve",
+                            "--config",
+                            str(second_config),
+                        ],
+                        capture_stderr=True,
+                        check=False,
+                    )
+                )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(start_the_second_then_open_the_gate)
+        env = {"PYTHONPATH": str(hooks), "TEST_GATE_PORT": str(gate.socket.getsockname()[1])}
+        async with serve_process(text, tmp_path, env=env) as first, target_server() as target:
+            stream, _, reply = await open_session(first, SOURCE, target.address)
+            await stream.aclose()
+    (result,) = second
+    assert result.returncode == 1
+    assert result.stderr.decode().strip().splitlines()[-1] == (
+        f"kumoproxy: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert first.listeners["socks5"] == ("127.0.0.1", port)
+    assert reply.reply is socks5.Reply.SUCCEEDED
 
 
 def test_worker_metric_updates_make_no_getpid_system_call(
