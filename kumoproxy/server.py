@@ -125,8 +125,8 @@ async def bind_listening_socket(host: IPAddress, port: int, label: str) -> trio.
     SO_REUSEADDR socket bind the same port until this one listens (Linux
     only refuses once one of them listens): a second kumoproxy started
     while the workers of the first are still starting would take the port
-    from them. So it is switched off once bound, and back on by
-    :func:`start_listening`. IPv6 sockets are IPv6-only.
+    from them. So it is off from bind until :func:`listen_now`.
+    IPv6 sockets are IPv6-only.
     """
     family = socket.AF_INET if host.version == 4 else socket.AF_INET6
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
@@ -145,15 +145,22 @@ async def bind_listening_socket(host: IPAddress, port: int, label: str) -> trio.
     return sock
 
 
-def start_listening(sock: trio.socket.SocketType) -> trio.SocketListener:
+def listen_now(sock: trio.socket.SocketType) -> None:
     """listen(2) on a bound socket (again, for one that already listens: harmless).
 
-    Then SO_REUSEADDR goes back on: a listening socket excludes every other
-    bind by itself, and the connections it accepts inherit the option, so
-    their TIME_WAIT does not block the next start on this port.
+    SO_REUSEADDR goes back on first: listen(2) checks the port again, and
+    without it the TIME_WAIT connections of a previous run would fail it.
+    The connections it accepts inherit the option, so their own TIME_WAIT
+    does not block the next start either. A listening socket excludes
+    every other bind by itself.
     """
-    sock.listen(LISTEN_BACKLOG)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.listen(LISTEN_BACKLOG)
+
+
+def start_listening(sock: trio.socket.SocketType) -> trio.SocketListener:
+    """:func:`listen_now`, and a listener to accept from."""
+    listen_now(sock)
     return trio.SocketListener(sock)
 
 

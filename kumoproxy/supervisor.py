@@ -4,11 +4,12 @@ One Python process tops out near one core of accepts and handshakes, so with
 ``workers: N`` the ``kumoproxy serve`` process becomes a supervisor that
 serves no session itself. It:
 
-* binds every listener once and hands the socket to every worker; the
-  workers start listening on it once all of them are ready, so a port
-  accepts connections only when the service can serve them. Whichever
-  worker is free accepts the next connection. The supervisor keeps its
-  copy, so a restarted worker takes over the connections already queued;
+* binds every listener once and hands the socket to every worker; it
+  listens on it once all of them are ready, then tells them to accept, so
+  a port accepts connections only when the service can serve them.
+  Whichever worker is free accepts the next connection. The supervisor
+  keeps its copy, so a restarted worker takes over the connections already
+  queued;
 * creates a private runtime directory (on /dev/shm where it can) with the
   shared limit table (kumoproxy.shared_limits), so the limits hold in total,
   and prometheus_client's multiprocess files, which it sums into the one
@@ -55,8 +56,10 @@ from kumoproxy.metrics import ControlMetrics
 from kumoproxy.proto import control
 from kumoproxy.runtime_dir import RuntimeDir
 from kumoproxy.server import (
+    ListenError,
     ReloadError,
     bind_listening_socket,
+    listen_now,
     listen_on,
     refuse_reload,
     validate_reload,
@@ -242,6 +245,18 @@ class Supervisor:
                         for slot in self.slots:
                             workers.start_soon(self._keep, slot, starting.done)
                         await starting.finished.wait()
+                        # Listen here, not only in the workers: from now on
+                        # the kernel queues connections until a worker
+                        # accepts, so "listening" and /readyz are true the
+                        # moment they are said, however slow a worker is to
+                        # act on "listen" (which starts it accepting).
+                        for listener, sock in zip(self.config.listeners, self.sockets, strict=True):
+                            try:
+                                listen_now(sock)
+                            except OSError as exc:
+                                raise ListenError(
+                                    f"cannot listen on {listener.listen}: {exc.strerror}"
+                                ) from exc
                         self._serving = True
                         for slot in self.slots:
                             await self._send(slot, "listen")

@@ -7,8 +7,8 @@ directory in the environment. The worker then:
 
 1. reads its configuration from the control channel (the supervisor sends
    the YAML text it validated, so every worker parses the same bytes),
-   sets up, reports ``ready``, and starts listening when told ``listen``
-   (once every worker is ready);
+   sets up, reports ``ready``, and starts accepting when told ``listen``
+   (once every worker is ready and the supervisor listens);
 2. serves sessions with limits counted in the shared table
    (kumoproxy.shared_limits), so the caps hold in total;
 3. obeys ``reload``/``drain``/``stop`` messages and answers ``ready`` and
@@ -141,8 +141,8 @@ async def _worker(args: WorkerArgs) -> None:
 
                 async def serve_when_told() -> None:
                     await told_to_listen.wait()
-                    # The supervisor bound them; listening starts once every
-                    # worker is ready (at once, after a restart).
+                    # The supervisor bound them and listens once every
+                    # worker is ready (listening again here is harmless).
                     listeners = [
                         BoundListener(listener_config, start_listening(sock))
                         for listener_config, sock in zip(config.listeners, sockets, strict=True)

@@ -534,6 +534,86 @@ async def test_a_second_instance_started_meanwhile_cannot_take_the_port(tmp_path
     assert reply.reply is socks5.Reply.SUCCEEDED
 
 
+#: A worker's listen(2) waits at a gate: a connection to the test, until the
+#: test closes it (the sitecustomize of the worker processes).
+HELD_LISTEN = """\
+import os, socket, sys
+if 'worker' in sys.argv:
+    real_listen = socket.socket.listen
+    def held_listen(self, *args):
+        try:
+            address = ('127.0.0.1', int(os.environ['TEST_GATE_PORT']))
+            with socket.create_connection(address, timeout=30) as gate:
+                gate.recv(1)
+        except OSError:
+            pass  # closed (or never reached): go on
+        return real_listen(self, *args)
+    socket.socket.listen = held_listen
+"""
+
+
+async def test_a_client_that_connects_at_listening_is_served_though_no_worker_listens_yet(
+    tmp_path: Path,
+) -> None:
+    # "listening" (and /readyz) are said once every worker is ready. A
+    # client that connects at that moment must be queued by the kernel and
+    # served, not refused, however slow the workers are to act on "listen".
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HELD_LISTEN)
+    (gate,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    env = {"PYTHONPATH": str(hooks), "TEST_GATE_PORT": str(gate.socket.getsockname()[1])}
+    async with serve_process(config_text(), tmp_path, env=env) as proxy, target_server() as target:
+        async with gate:
+            client, data = socks5_bind_connect_bytes(SOURCE, socks5.Endpoint(*target.address))
+            stream = await connect(proxy.listeners["socks5"])
+            await stream.send_all(data)
+        # The gate is closed: the workers listen, and one accepts the client.
+        events = await read_replies(stream, client, 3)
+        await stream.aclose()
+    reply = events[-1]
+    assert isinstance(reply, socks5.ReplyEvent)
+    assert reply.reply is socks5.Reply.SUCCEEDED
+
+
+def time_wait_ports() -> set[int]:
+    """Local ports of IPv4 TCP connections in TIME_WAIT (state 06), from /proc."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return {int(f[1].split(":")[1], 16) for f in map(str.split, lines) if f[3] == "06"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_restart_binds_the_port_its_predecessor_left_in_time_wait(
+    tmp_path: Path, workers: int
+) -> None:
+    # SO_REUSEADDR is off between bind and listen; it must be back on for
+    # the connections the workers accept, or their TIME_WAIT blocks the restart.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = (
+        config_text()
+        .replace('"127.0.0.1:0"\n    protocol', f'"127.0.0.1:{port}"\n    protocol')
+        .replace("workers: 2", f"workers: {workers}")
+    )
+    async with serve_process(text, tmp_path) as first:
+        # Offering only username/password where no users exist is refused
+        # (X'FF') and closed by the proxy: its end of the connection sends
+        # the first FIN and so is the one left in TIME_WAIT.
+        stream = await connect(first.listeners["socks5"])
+        await stream.send_all(b"\x05\x01\x02")
+        refusal = await read_to_eof(stream, b"")
+        await stream.aclose()
+        await next_event(first, "session")
+        first.signal(signal.SIGTERM)
+        with trio.fail_after(WAIT):
+            assert await first.process.wait() == 0
+    assert port in time_wait_ports()
+    async with serve_process(text, tmp_path) as second:
+        assert second.listeners["socks5"] == ("127.0.0.1", port)
+    assert refusal == b"\x05\xff"
+
+
 def test_worker_metric_updates_make_no_getpid_system_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
