@@ -106,10 +106,11 @@ class ConfigSource:
 async def bind_listeners(config: Config) -> list[trio.socket.SocketType]:
     """One bound (not yet listening) socket per configured listener.
 
-    The workers call listen(2). Until then no other socket can bind the
-    port (see :func:`kumoproxy.server.bind_listening_socket`), so "address
-    in use" is found here, before any worker starts, whether something
-    listens there already or a second kumoproxy is just starting too.
+    They listen once every worker is ready (:meth:`Supervisor.run`). Until
+    then no other socket can bind the port (see
+    :func:`kumoproxy.server.bind_listening_socket`), so "address in use" is
+    found here, before any worker starts, whether something listens there
+    already or a second kumoproxy is just starting too.
 
     One socket shared by every worker rather than one per worker in an
     SO_REUSEPORT group: the kernel's hash then sends a connection to a busy

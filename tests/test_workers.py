@@ -475,53 +475,74 @@ async def test_a_worker_that_cannot_start_stops_the_service_with_one_clear_line(
     assert last.endswith(" exited with status 3 before it was ready")
 
 
-async def test_a_second_instance_started_meanwhile_cannot_take_the_port(tmp_path: Path) -> None:
-    # The first supervisor has bound the port; its workers, which will call
-    # listen(), are held at birth on a gate: a connection to the test, until
-    # the test closes it. A second kumoproxy on the same port must fail
-    # meanwhile, not take the port from them.
+def config_on_a_fixed_port(*, workers: int = 2) -> tuple[int, str]:
+    """A free port now, and the config text that listens on it (for a second start)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    text = config_text().replace('"127.0.0.1:0"\n    protocol', f'"127.0.0.1:{port}"\n    protocol')
+    text = (
+        config_text()
+        .replace('"127.0.0.1:0"\n    protocol', f'"127.0.0.1:{port}"\n    protocol')
+        .replace("workers: 2", f"workers: {workers}")
+    )
+    return port, text
+
+
+#: The sitecustomize of gated worker processes: ``wait_at_gate()`` connects
+#: to the test's gate listener and waits until the test closes it.
+_GATE = """\
+import os, socket, sys
+def wait_at_gate():
+    try:
+        address = ('127.0.0.1', int(os.environ['TEST_GATE_PORT']))
+        with socket.create_connection(address, timeout=30) as gate:
+            gate.recv(1)
+    except OSError:
+        pass  # closed (or never reached): go on
+"""
+#: Each worker waits at the gate as it is born, before any of our code runs.
+GATE_AT_BIRTH = _GATE + "if 'worker' in sys.argv:\n    wait_at_gate()\n"
+#: Each worker waits at the gate inside listen(2).
+GATE_AT_LISTEN = (
+    _GATE
+    + """\
+if 'worker' in sys.argv:
+    real_listen = socket.socket.listen
+    def held_listen(self, *args):
+        wait_at_gate()
+        return real_listen(self, *args)
+    socket.socket.listen = held_listen
+"""
+)
+
+
+def gated_workers(tmp_path: Path, hook: str, gate: trio.SocketListener) -> dict[str, str]:
+    """The environment that makes ``serve``'s workers wait at ``gate``."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(
-        "import os, socket, sys\n"
-        "if 'worker' in sys.argv:\n"
-        "    try:\n"
-        "        address = ('127.0.0.1', int(os.environ['TEST_GATE_PORT']))\n"
-        "        with socket.create_connection(address, timeout=30) as gate:\n"
-        "            gate.recv(1)  # until the test closes the gate\n"
-        "    except OSError:\n"
-        "        pass  # closed (or never reached): go on\n"
-    )
+    (hooks / "sitecustomize.py").write_text(hook)
+    return {"PYTHONPATH": str(hooks), "TEST_GATE_PORT": str(gate.socket.getsockname()[1])}
+
+
+async def test_a_second_instance_started_meanwhile_cannot_take_the_port(tmp_path: Path) -> None:
+    # The first supervisor has bound the port; its workers, which will make
+    # it listen once ready, are held at birth. A second kumoproxy on the
+    # same port must fail meanwhile, not take the port from them.
+    port, text = config_on_a_fixed_port()
     second_config = tmp_path / "second.yaml"
     second_config.write_text(text)
     second: list[subprocess.CompletedProcess[bytes]] = []
     (gate,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
 
     async def start_the_second_then_open_the_gate() -> None:
+        command = [sys.executable, "-m", "kumoproxy", "serve", "--config", str(second_config)]
         with trio.fail_after(WAIT):
             async with gate, await gate.accept():  # a worker of the first is born
-                second.append(
-                    await trio.run_process(
-                        [
-                            sys.executable,
-                            "-m",
-                            "kumoproxy",
-                            "serve",
-                            "--config",
-                            str(second_config),
-                        ],
-                        capture_stderr=True,
-                        check=False,
-                    )
-                )
+                second.append(await trio.run_process(command, capture_stderr=True, check=False))
 
+    env = gated_workers(tmp_path, GATE_AT_BIRTH, gate)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(start_the_second_then_open_the_gate)
-        env = {"PYTHONPATH": str(hooks), "TEST_GATE_PORT": str(gate.socket.getsockname()[1])}
         async with serve_process(text, tmp_path, env=env) as first, target_server() as target:
             stream, _, reply = await open_session(first, SOURCE, target.address)
             await stream.aclose()
@@ -534,35 +555,14 @@ async def test_a_second_instance_started_meanwhile_cannot_take_the_port(tmp_path
     assert reply.reply is socks5.Reply.SUCCEEDED
 
 
-#: A worker's listen(2) waits at a gate: a connection to the test, until the
-#: test closes it (the sitecustomize of the worker processes).
-HELD_LISTEN = """\
-import os, socket, sys
-if 'worker' in sys.argv:
-    real_listen = socket.socket.listen
-    def held_listen(self, *args):
-        try:
-            address = ('127.0.0.1', int(os.environ['TEST_GATE_PORT']))
-            with socket.create_connection(address, timeout=30) as gate:
-                gate.recv(1)
-        except OSError:
-            pass  # closed (or never reached): go on
-        return real_listen(self, *args)
-    socket.socket.listen = held_listen
-"""
-
-
 async def test_a_client_that_connects_at_listening_is_served_though_no_worker_listens_yet(
     tmp_path: Path,
 ) -> None:
     # "listening" (and /readyz) are said once every worker is ready. A
     # client that connects at that moment must be queued by the kernel and
     # served, not refused, however slow the workers are to act on "listen".
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HELD_LISTEN)
     (gate,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    env = {"PYTHONPATH": str(hooks), "TEST_GATE_PORT": str(gate.socket.getsockname()[1])}
+    env = gated_workers(tmp_path, GATE_AT_LISTEN, gate)
     async with serve_process(config_text(), tmp_path, env=env) as proxy, target_server() as target:
         async with gate:
             client, data = socks5_bind_connect_bytes(SOURCE, socks5.Endpoint(*target.address))
@@ -586,16 +586,10 @@ def time_wait_ports() -> set[int]:
 async def test_a_restart_binds_the_port_its_predecessor_left_in_time_wait(
     tmp_path: Path, workers: int
 ) -> None:
-    # SO_REUSEADDR is off between bind and listen; it must be back on for
-    # the connections the workers accept, or their TIME_WAIT blocks the restart.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    text = (
-        config_text()
-        .replace('"127.0.0.1:0"\n    protocol', f'"127.0.0.1:{port}"\n    protocol')
-        .replace("workers: 2", f"workers: {workers}")
-    )
+    # SO_REUSEADDR is off from bind until listen(2), which checks the port
+    # again: it must be back on by then, and on for the connections
+    # accepted, or their TIME_WAIT blocks the restart.
+    port, text = config_on_a_fixed_port(workers=workers)
     async with serve_process(text, tmp_path) as first:
         # Offering only username/password where no users exist is refused
         # (X'FF') and closed by the proxy: its end of the connection sends
