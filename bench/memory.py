@@ -50,8 +50,6 @@ OPEN_AT_ONCE = 64
 #: Seconds all the sessions may take to come up.
 OPEN_TIMEOUT = 60.0
 
-HEADER = "server         held processes before MiB after MiB KiB/session"
-
 #: Seconds to wait after the last session is up, for lazy allocations and
 #: the kernel's accounting to settle, as compare.py waits.
 SETTLE = 2.0
@@ -206,6 +204,10 @@ def server_command(name: str, ours_config: Path) -> tuple[list[str], int]:
             "127.0.0.2",
         ], MICROSOCKS_PORT
     raise SystemExit(f"unknown server {name!r} (ours, microsocks)")
+
+
+#: The table's header, in the columns :func:`report` prints.
+HEADER = "server         held processes before MiB after MiB KiB/session"
 
 
 def report(measurement: Measurement) -> None:
