@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 from sustained import (
-    BENCH_CONFIG,
     CLIENT_SOURCES,
     Server,
+    add_ours_config_argument,
     build_loadgen,
     make_server,
     run_loadgen,
@@ -83,12 +83,7 @@ def main() -> int:
     # at its ~3,800/s, 1 s of warm-up and 2 s of measuring stay within them.
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rate", type=float, default=500.0, help="paced load, connections/s")
-    parser.add_argument(
-        "--ours-config",
-        type=Path,
-        default=BENCH_CONFIG,
-        help="kumoproxy config (default bench/kumoproxy-bench.yaml; e.g. a copy with workers: 1)",
-    )
+    add_ours_config_argument(parser)
     args = parser.parse_args()
 
     exe = build_loadgen()

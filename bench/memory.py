@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-from sustained import BENCH_CONFIG, OURS_PORT, ours_command, serving
+from sustained import OURS_PORT, add_ours_config_argument, ours_command, serving
 
 MICROSOCKS_PORT = 11190
 
@@ -229,12 +229,7 @@ def main() -> int:
     )
     parser.add_argument("--servers", default="ours,microsocks", help="ours, microsocks")
     parser.add_argument("--sessions", type=int, default=5000)
-    parser.add_argument(
-        "--ours-config",
-        type=Path,
-        default=BENCH_CONFIG,
-        help="kumoproxy config (default bench/kumoproxy-bench.yaml; e.g. a copy with workers: 1)",
-    )
+    add_ours_config_argument(parser)
     args = parser.parse_args()
     raise_descriptor_limit(args.sessions)
     results: list[Measurement] = []

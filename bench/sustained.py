@@ -200,6 +200,16 @@ class Server:
         return dante_command(workdir, self.source, self.port)
 
 
+def add_ours_config_argument(parser: argparse.ArgumentParser) -> None:
+    """``--ours-config``: kumoproxy with another config (same listener and source)."""
+    parser.add_argument(
+        "--ours-config",
+        type=Path,
+        default=BENCH_CONFIG,
+        help="kumoproxy config (default bench/kumoproxy-bench.yaml; e.g. a copy with workers: 1)",
+    )
+
+
 def make_server(name: str, ours_config: Path = BENCH_CONFIG) -> Server:
     if name == "ours":
         # The config must keep the bench config's listener and source.
@@ -263,12 +273,7 @@ def main() -> int:
         "client) can do to a shared machine",
     )
     parser.add_argument("--timeline", action="store_true", help="per-second counts on stderr")
-    parser.add_argument(
-        "--ours-config",
-        type=Path,
-        default=BENCH_CONFIG,
-        help="kumoproxy config (default bench/kumoproxy-bench.yaml; e.g. a copy with workers: 1)",
-    )
+    add_ours_config_argument(parser)
     args = parser.parse_args()
 
     exe = build_loadgen()
