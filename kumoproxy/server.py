@@ -18,7 +18,7 @@ import ssl
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -326,20 +326,11 @@ class Service:
         return AdminState(ready, reason, self.sources_report)
 
     def sources_report(self) -> list[dict[str, object]]:
-        """/sources: per source IP, bindable now (a probe each), active, totals."""
-        sources: list[dict[str, object]] = []
-        for source in self.config.sorted_sources():
-            problem = egress.probe_source(source)
-            sources.append(
-                {
-                    "source": str(source),
-                    "bindable": problem is None,
-                    "problem": problem,
-                    "active": self.limits.source_connections(source),
-                    "totals": dict(self._source_totals.get(source, {})),
-                }
-            )
-        return sources
+        """/sources: per source IP, bindable now, active, totals (see :func:`source_entries`)."""
+        totals = self._source_totals
+        return source_entries(
+            self.config, self.limits.source_connections, lambda source: totals.get(source, {})
+        )
 
     # -- running -----------------------------------------------------------
 
@@ -561,6 +552,31 @@ def refuse_reload(
     control.config_reloads.labels("error").inc()
     errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
     log.error("reload refused, old config stays", errors=[str(e) for e in errors])
+
+
+def source_entries(
+    config: Config,
+    active: Callable[[IPAddress], int],
+    totals: Callable[[IPAddress], Mapping[str, int]],
+) -> list[dict[str, object]]:
+    """The /sources report: per configured source IP, bindable now (a probe each),
+    connections ``active`` through it and its session ``totals`` by result.
+
+    One shape for both process models; they differ only in where the counts live.
+    """
+    entries: list[dict[str, object]] = []
+    for source in config.sorted_sources():
+        problem = egress.probe_source(source)
+        entries.append(
+            {
+                "source": str(source),
+                "bindable": problem is None,
+                "problem": problem,
+                "active": active(source),
+                "totals": dict(totals(source)),
+            }
+        )
+    return entries
 
 
 def validate_reload(old: Config, new: Config) -> None:

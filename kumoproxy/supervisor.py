@@ -42,7 +42,7 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from kumoproxy import egress, runtime_dir
+from kumoproxy import runtime_dir
 from kumoproxy.admin import AdminState, serve_admin
 from kumoproxy.config import (
     Config,
@@ -62,6 +62,7 @@ from kumoproxy.server import (
     listen_now,
     listen_on,
     refuse_reload,
+    source_entries,
     validate_reload,
 )
 from kumoproxy.shared_limits import SharedLimitTable, capacity_for, sessions_held
@@ -524,19 +525,9 @@ class Supervisor:
     def sources_report(self) -> list[dict[str, object]]:
         """/sources: as in one process, with active and totals summed over the workers."""
         totals = source_totals(self.registry)
-        report: list[dict[str, object]] = []
-        for source in self.config.sorted_sources():
-            problem = egress.probe_source(source)
-            report.append(
-                {
-                    "source": str(source),
-                    "bindable": problem is None,
-                    "problem": problem,
-                    "active": self.table.source_connections(source),
-                    "totals": dict(totals.get(str(source), {})),
-                }
-            )
-        return report
+        return source_entries(
+            self.config, self.table.source_connections, lambda source: totals.get(str(source), {})
+        )
 
 
 # -- wiring --------------------------------------------------------------------
